@@ -1,0 +1,103 @@
+"""The resident backbone: an open_clip image tower, its preprocessing, and a functional forward.
+
+The base parameters are never modified: every forward takes a parameter dict (the base one or a
+merged one from the cache) through ``torch.func.functional_call``, so concurrent batches with
+different combinations cannot see each other's weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch.func import functional_call
+
+from .checkpoints import fingerprint, image_tower, read_state_dict
+from .errors import Incompatible, SwitchBankError
+
+log = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_configs() -> None:
+    """Make the configs shipped in switchbank/model_configs known to open_clip."""
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+@dataclass
+class Backbone:
+    arch: str
+    model: torch.nn.Module  # the image tower, in eval mode
+    preprocess: Any  # PIL image -> [3, H, W] tensor
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    fingerprint: str
+    embed_dim: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Image embeddings [B, D] (fp32) of a preprocessed batch, with ``params`` or the base ones."""
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        if params is None:
+            out = self.model(x)
+        else:
+            out = functional_call(self.model, (params, self.buffers), (x,), tie_weights=False, strict=False)
+        return out.float()
+
+
+def load_backbone(arch: str, weights: str | Path | None = None, device: str = "auto",
+                  dtype: str | torch.dtype = "float32") -> Backbone:
+    """Create open_clip model ``arch``, load ``weights`` into its image tower, move it to ``device``.
+
+    ``weights`` may be a whole open_clip checkpoint or an image-tower state dict
+    (.safetensors, or a torch file read with weights_only=True). ``None`` keeps the
+    architecture's random initialisation (seeded, so every replica builds the same backbone).
+    """
+    register_configs()
+    if arch not in open_clip.list_models():
+        raise SwitchBankError(f"unknown model architecture {arch!r}; open_clip knows e.g. ViT-B-32, or add a config")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise SwitchBankError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    visual = model.visual.eval()
+    del model
+    if weights is not None:
+        tower = image_tower(read_state_dict(weights))
+        result = visual.load_state_dict(tower, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise Incompatible(
+                f"{weights} does not fit {arch}'s image tower: missing {result.missing_keys[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+    fp = fingerprint(visual.state_dict())
+    visual = visual.to(dev, dt)
+    for p in visual.parameters():
+        p.requires_grad_(False)
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, *_image_size(visual), device=dev, dtype=dt)
+        embed_dim = int(visual(probe).shape[-1])
+    log.info("backbone %s on %s (%s), fingerprint %s", arch, dev, dt, fp[:19])
+    return Backbone(
+        arch=arch, model=visual, preprocess=preprocess,
+        params=dict(visual.named_parameters()), buffers=dict(visual.named_buffers()),
+        fingerprint=fp, embed_dim=embed_dim, device=dev, dtype=dt,
+    )
+
+
+def _image_size(visual: torch.nn.Module) -> tuple[int, int]:
+    size = getattr(visual, "image_size", 224)
+    return (size, size) if isinstance(size, int) else tuple(size)

@@ -1,0 +1,196 @@
+"""A bank: a directory of switch files and a manifest, changed atomically.
+
+Layout::
+
+    BANK/manifest.json                      {"format", "version", "generation", "switches": {...}}
+    BANK/switches/NAME.HASH16.safetensors   content-addressed switch files
+    BANK/.lock                              writers hold an exclusive flock while changing the bank
+
+A change writes the new switch file (temp file, fsync, rename), then the new manifest the same way,
+then deletes files the manifest no longer names. A crash at any point leaves a manifest that names
+only complete files, so the bank reads as either the old or the new state. Readers never need the
+lock: they read the manifest (always complete, thanks to rename) and retry if a file it named was
+removed in between. The generation number grows by one with every change.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Conflict, CorruptSwitch, InvalidInput, NotFound, SwitchBankError
+from .format import from_bytes, read_switch
+from .types import Switch
+
+MANIFEST = "manifest.json"
+BANK_FORMAT = "switchbank-bank"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise InvalidInput(
+            f"invalid switch name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Manifest:
+    generation: int
+    switches: dict[str, dict]  # name -> {"file", "content_hash", "bytes"}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+class Bank:
+    def __init__(self, root: str | Path, create: bool = False):
+        self.root = Path(root)
+        self.files = self.root / "switches"
+        if create:
+            self.files.mkdir(parents=True, exist_ok=True)
+            if not (self.root / MANIFEST).exists():
+                with self._locked():
+                    if not (self.root / MANIFEST).exists():
+                        self._write_manifest(Manifest(0, {}))
+        if not (self.root / MANIFEST).is_file():
+            raise SwitchBankError(f"{self.root} is not a switch bank (no {MANIFEST}); create one with `switchbank bank init {self.root}`")
+        self.manifest()  # fail early on an unreadable manifest
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def manifest(self) -> Manifest:
+        path = self.root / MANIFEST
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != BANK_FORMAT or raw.get("version") != 1:
+                raise ValueError("not a switchbank bank manifest of version 1")
+            return Manifest(int(raw["generation"]), dict(raw["switches"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SwitchBankError(f"{path}: unreadable bank manifest ({exc})") from None
+
+    def _write_manifest(self, m: Manifest) -> None:
+        body = {"format": BANK_FORMAT, "version": 1, "generation": m.generation, "switches": m.switches}
+        atomic_write(self.root / MANIFEST, json.dumps(body, indent=1, sort_keys=True).encode())
+
+    @property
+    def generation(self) -> int:
+        return self.manifest().generation
+
+    def names(self) -> list[str]:
+        return sorted(self.manifest().switches)
+
+    def load(self, name: str, retries: int = 5) -> Switch:
+        """Read and verify one switch (retrying if a concurrent change removed the file)."""
+        for _ in range(retries):
+            info = self.manifest().switches.get(name)
+            if info is None:
+                raise NotFound(f"no switch named {name!r} in the bank")
+            try:
+                return read_switch(self.files / info["file"])
+            except CorruptSwitch:
+                if (self.files / info["file"]).exists():
+                    raise
+        raise SwitchBankError(f"switch {name!r} kept changing while being read")
+
+    def load_all(self) -> tuple[int, dict[str, Switch]]:
+        """A consistent snapshot: (generation, every switch), retried if the bank changed meanwhile."""
+        for _ in range(10):
+            m = self.manifest()
+            try:
+                out = {n: read_switch(self.files / i["file"]) for n, i in m.switches.items()}
+            except CorruptSwitch:
+                if self.manifest().generation != m.generation:
+                    continue
+                raise
+            return m.generation, out
+        raise SwitchBankError("the bank kept changing while being read")
+
+    def add(self, data: bytes, *, replace: bool = False,
+            validate: Callable[[Switch], None] | None = None) -> tuple[Switch, bool]:
+        """Verify and store a switch file's bytes. Returns (switch, changed).
+
+        An identical file under the same name changes nothing; a different one is a Conflict
+        unless ``replace``. Nothing on disk changes unless every check passes.
+        """
+        sw = from_bytes(data)
+        check_name(sw.name)
+        if validate:
+            validate(sw)
+        fname = f"{sw.name}.{sw.content_hash.split(':')[-1][:16]}.safetensors"
+        with self._locked():
+            m = self.manifest()
+            old = m.switches.get(sw.name)
+            if old and old["content_hash"] == sw.content_hash:
+                return sw, False
+            if old and not replace:
+                raise Conflict(f"a different switch named {sw.name!r} exists; ask for replacement to overwrite it")
+            atomic_write(self.files / fname, data)
+            entries = dict(m.switches)
+            entries[sw.name] = {"file": fname, "content_hash": sw.content_hash, "bytes": len(data)}
+            self._write_manifest(Manifest(m.generation + 1, entries))
+            self._collect_garbage(entries)
+        return sw, True
+
+    def remove(self, name: str) -> None:
+        with self._locked():
+            m = self.manifest()
+            if name not in m.switches:
+                raise NotFound(f"no switch named {name!r} in the bank")
+            entries = {k: v for k, v in m.switches.items() if k != name}
+            self._write_manifest(Manifest(m.generation + 1, entries))
+            self._collect_garbage(entries)
+
+    def _collect_garbage(self, entries: dict[str, dict]) -> None:
+        """Delete files no manifest entry names (old versions, leftovers of crashed writes). Lock held."""
+        live = {i["file"] for i in entries.values()}
+        for p in self.files.iterdir():
+            if p.name not in live:
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+
+    def file_size(self, name: str) -> int:
+        info = self.manifest().switches.get(name)
+        if info is None:
+            raise NotFound(f"no switch named {name!r} in the bank")
+        return int(info["bytes"])

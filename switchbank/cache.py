@@ -1,0 +1,134 @@
+"""A byte-bounded LRU of materialised combinations.
+
+Entries are pinned while a batch uses them (``with cache.lease(key, make) as params``) and are
+never evicted while pinned. Eviction drops the cache's only reference, so the memory is returned
+as soon as the last in-flight user is done. A combination larger than the whole budget is built,
+served and dropped without being cached ("bypass").
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class _Entry:
+    value: Any
+    nbytes: int
+    pins: int = 0
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    invalidations: int = 0
+    bypasses: int = 0
+    entries: int = 0
+    bytes: int = 0
+    capacity_bytes: int = 0
+
+
+class DeltaCache:
+    """LRU keyed by a canonical Combination; the factory returns (value, nbytes)."""
+
+    def __init__(self, capacity_bytes: int):
+        if capacity_bytes <= 0:
+            raise ValueError("cache capacity must be a positive number of bytes")
+        self.capacity = int(capacity_bytes)
+        self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._building: dict[Hashable, threading.Event] = {}
+        self._stats = CacheStats(capacity_bytes=self.capacity)
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._entries
+
+    def keys(self) -> list[Hashable]:
+        """Keys from least to most recently used."""
+        with self._lock:
+            return list(self._entries)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            s = CacheStats(**vars(self._stats))
+            s.entries, s.bytes = len(self._entries), self._bytes
+            return s
+
+    @contextmanager
+    def lease(self, key: Hashable, make: Callable[[], tuple[Any, int]]) -> Iterator[Any]:
+        """Yield the value for ``key``, building it with ``make`` on a miss; pinned meanwhile."""
+        entry = self._acquire(key, make)
+        try:
+            yield entry.value
+        finally:
+            with self._lock:
+                entry.pins -= 1
+                self._evict_to(self.capacity)
+
+    def _acquire(self, key: Hashable, make: Callable[[], tuple[Any, int]]) -> _Entry:
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    entry.pins += 1
+                    self._stats.hits += 1
+                    return entry
+                waiting = self._building.get(key)
+                if waiting is None:
+                    self._building[key] = threading.Event()
+                    self._stats.misses += 1
+                    break
+            waiting.wait()  # another thread is building the same combination: share its result
+        try:
+            value, nbytes = make()
+        finally:
+            with self._lock:
+                done = self._building.pop(key)
+        entry = _Entry(value, int(nbytes), pins=1)
+        with self._lock:
+            if entry.nbytes > self.capacity:
+                self._stats.bypasses += 1
+            else:
+                self._evict_to(self.capacity - entry.nbytes)
+                if self._bytes + entry.nbytes <= self.capacity:
+                    self._entries[key] = entry
+                    self._bytes += entry.nbytes
+                else:  # everything left is pinned by in-flight batches
+                    self._stats.bypasses += 1
+        done.set()
+        return entry
+
+    def _evict_to(self, limit: int) -> None:
+        """Evict unpinned entries, least recently used first, until bytes <= limit. Lock held."""
+        for key in list(self._entries):
+            if self._bytes <= limit:
+                return
+            entry = self._entries[key]
+            if entry.pins == 0:
+                self._drop(key)
+                self._stats.evictions += 1
+
+    def _drop(self, key: Hashable) -> None:
+        self._bytes -= self._entries.pop(key).nbytes
+
+    def invalidate(self, predicate: Callable[[Hashable], bool]) -> int:
+        """Drop every entry whose key matches; in-flight leases keep their value until released."""
+        with self._lock:
+            doomed = [k for k in self._entries if predicate(k)]
+            for k in doomed:
+                self._drop(k)
+            self._stats.invalidations += len(doomed)
+            return len(doomed)
+
+    def clear(self) -> None:
+        self.invalidate(lambda _k: True)

@@ -1,0 +1,145 @@
+"""Plain data types shared by the library: a switch in memory, its head, and cache keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from math import isfinite
+
+import torch
+
+from .errors import InvalidInput
+from .packing import packed_len
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One switched tensor: where its bits lie in the switch's buffers, and its scale (lambda)."""
+
+    name: str
+    shape: tuple[int, ...]
+    kept: int
+    scale: float
+    offset: int  # byte offset of this tensor's bits in the dense mask/pos buffers
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return packed_len(self.numel)
+
+
+@dataclass
+class Head:
+    """A linear classification head on the image embedding: logits = W @ f + b.
+
+    ``normalize`` L2-normalises the embedding first (as CLIP zero-shot heads expect).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    classes: list[str]
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weight.dim() != 2:
+            raise InvalidInput(f"head weight must be 2-D [classes, dim], got shape {tuple(self.weight.shape)}")
+        if len(self.classes) != self.weight.shape[0]:
+            raise InvalidInput(f"head has {self.weight.shape[0]} rows but {len(self.classes)} class names")
+        if self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[0],):
+            raise InvalidInput(f"head bias shape {tuple(self.bias.shape)} != ({self.weight.shape[0]},)")
+
+
+@dataclass
+class Switch:
+    """A task switch in its dense in-memory form (2 bits per switched parameter).
+
+    ``mask`` and ``pos`` are uint8 buffers holding every tensor's bits back to back, each tensor
+    starting on a byte boundary (see packing.py). ``dense`` holds the exact deltas of 0-dim tensors.
+    """
+
+    name: str
+    alpha: float
+    backbone_fingerprint: str
+    entries: list[TensorEntry]
+    mask: torch.Tensor
+    pos: torch.Tensor
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    head: Head | None = None
+    queries: torch.Tensor | None = None
+    router_fingerprint: str | None = None
+    arch: str | None = None
+    buffers_differing: list[str] = field(default_factory=list)
+    content_hash: str = ""
+
+    @property
+    def n_params(self) -> int:
+        return sum(e.numel for e in self.entries)
+
+    def entry_map(self) -> dict[str, TensorEntry]:
+        return {e.name: e for e in self.entries}
+
+    def to(self, device: torch.device | str) -> Switch:
+        """Move the bit buffers (what materialisation reads) to ``device``; returns self."""
+        self.mask = self.mask.to(device)
+        self.pos = self.pos.to(device)
+        self.dense = {k: v.to(device) for k, v in self.dense.items()}
+        return self
+
+    def resident_bytes(self) -> int:
+        """Bytes the switch's bits and dense deltas occupy in memory."""
+        return (
+            self.mask.numel() + self.pos.numel()
+            + sum(v.numel() * v.element_size() for v in self.dense.values())
+        )
+
+
+@dataclass(frozen=True)
+class Combination:
+    """Canonical, hashable description of merged weights: the cache key.
+
+    Terms are (switch name, content hash, weight) sorted by name with zero weights dropped, so the
+    same mix always gives the same key, and a replaced switch (new content hash) a new one.
+    """
+
+    terms: tuple[tuple[str, str, Fraction], ...]
+
+    @classmethod
+    def of(cls, weights: dict[str, Fraction | float | int], hashes: dict[str, str]) -> Combination:
+        terms = []
+        for name in sorted(weights):
+            w = weights[name]
+            if not isinstance(w, Fraction):
+                if not isfinite(float(w)):
+                    raise InvalidInput(f"weight for {name!r} is not a finite number")
+                w = Fraction(w)
+            if w < 0:
+                raise InvalidInput(f"weight for {name!r} is negative ({float(w)})")
+            if w == 0:
+                continue
+            if name not in hashes:
+                raise InvalidInput(f"unknown switch {name!r}")
+            terms.append((name, hashes[name], w))
+        return cls(tuple(terms))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t[0] for t in self.terms)
+
+    def hashes(self) -> dict[str, str]:
+        return {name: h for name, h, _ in self.terms}
+
+    def weights(self) -> dict[str, float]:
+        return {name: float(w) for name, _, w in self.terms}
+
+    def top(self) -> str | None:
+        """The switch with the largest weight (ties go to the first name in sorted order)."""
+        if not self.terms:
+            return None
+        best = max(w for _, _, w in self.terms)
+        return next(name for name, _, w in self.terms if w == best)

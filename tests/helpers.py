@@ -1,0 +1,63 @@
+"""Tiny open_clip checkpoints and switches, made on the fly (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+from switchbank.backbone import register_configs
+from switchbank.build import build_switch
+from switchbank.checkpoints import is_buffer_name
+from switchbank.format import to_bytes
+from switchbank.types import Head
+
+ARCH = "switchbank-tiny-vit"
+
+
+def pretrained_model_state() -> dict[str, torch.Tensor]:
+    """The whole tiny open_clip model (image and text towers), seeded like load_backbone does."""
+    register_configs()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model(ARCH, pretrained=None)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def finetune(tower: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
+    """A synthetic fine-tune: heavy-tailed (Laplace) task vectors on every parameter."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in tower.items():
+        if is_buffer_name(k, v):
+            out[k] = v.clone()
+            continue
+        u = torch.rand(v.shape, generator=g) - 0.5
+        lap = -torch.sign(u) * torch.log1p(-2 * u.abs()) * scale
+        out[k] = v + lap.to(v.dtype)
+    return out
+
+
+def visual(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+
+
+def make_switch(tower, name, seed, alpha=0.6, classes=3, dim=32, queries=None, router_fp=None, center=None):
+    fin = finetune(tower, seed)
+    g = torch.Generator().manual_seed(1000 + seed)
+    head = Head(torch.randn(classes, dim, generator=g), torch.randn(classes, generator=g),
+                [f"{name}-c{i}" for i in range(classes)])
+    if queries is None and center is not None:
+        queries = center + 0.01 * torch.randn(8, dim, generator=g)
+    return build_switch(tower, fin, name, alpha, head=head, queries=queries, router_fingerprint=router_fp)
+
+
+def save(state: dict[str, torch.Tensor], path: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def switch_bytes(sw) -> bytes:
+    return to_bytes(sw)

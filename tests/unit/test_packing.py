@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import torch
+
+from switchbank.packing import (compact_to_dense, dense_to_compact, encode_compact, pack_bits, packed_len,
+                                ternary, unpack_bits)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 4097])
+def test_pack_unpack_round_trip(n):
+    bits = torch.rand(n) < 0.3
+    packed = pack_bits(bits)
+    assert packed.dtype == np.uint8 and packed.size == packed_len(n)
+    assert torch.equal(unpack_bits(packed, n), bits)
+
+
+def test_bit_order_is_lsb_first():
+    bits = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
+    assert pack_bits(bits).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("n", [1, 13, 1024, 5001])
+def test_compact_and_dense_forms_round_trip(n):
+    mask = torch.rand(n) < 0.4
+    positive = torch.rand(n) < 0.5
+    m, s, kept = encode_compact(mask, positive)
+    assert kept == int(mask.sum()) and s.size == packed_len(kept)
+    pos = compact_to_dense(m, s, n, kept)
+    assert torch.equal(unpack_bits(pos, n), mask & positive)
+    assert np.array_equal(dense_to_compact(m, pos, n), s)
+    tern = ternary(torch.from_numpy(m), torch.from_numpy(pos), n, torch.float32)
+    expected = mask.float() * torch.where(positive, 1.0, -1.0)
+    assert torch.equal(tern, expected)
+
+
+def test_compact_rejects_wrong_kept_count():
+    m, s, kept = encode_compact(torch.ones(16, dtype=torch.bool), torch.ones(16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="set bits"):
+        compact_to_dense(m, s, 16, kept - 1)
