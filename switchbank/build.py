@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .checkpoints import check_compatible, fingerprint, is_buffer_name
 from .errors import InvalidInput
+from .format import to_bytes
 from .packing import encode_compact, compact_to_dense
 from .types import Head, Switch, TensorEntry
 
@@ -90,7 +91,8 @@ def build_switch(
             continue
         mask, positive, scale = bin_discard(tau, alpha)
         mask_bytes, sign_bytes, kept = encode_compact(mask, positive)
-        entries.append(TensorEntry(tname, tuple(tau.shape), kept, scale, offset))
+        # lambda is stored as fp32; round it now so a switch in memory equals its file.
+        entries.append(TensorEntry(tname, tuple(tau.shape), kept, float(np.float32(scale)), offset))
         masks.append(mask_bytes)
         poss.append(compact_to_dense(mask_bytes, sign_bytes, tau.numel(), kept))
         offset += mask_bytes.size
@@ -105,7 +107,7 @@ def build_switch(
             raise InvalidInput(f"query embeddings must be a non-empty [n, dim] matrix, got {tuple(queries.shape)}")
         if router_fingerprint is None:
             raise InvalidInput("query embeddings need the fingerprint of the encoder that made them")
-    return Switch(
+    sw = Switch(
         name=name,
         alpha=float(alpha),
         backbone_fingerprint=fingerprint(pretrained),
@@ -119,3 +121,5 @@ def build_switch(
         arch=arch,
         buffers_differing=differing,
     )
+    to_bytes(sw)  # sets the content hash, so an in-memory switch is keyed like its file
+    return sw

@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from switchbank.combine import merged_params
+from switchbank.engine import Engine, Route, head_probs
+from switchbank.errors import Incompatible, InvalidInput, NotFound
+from tests.helpers import make_switch
+
+TASKS = ["red", "green", "blue"]
+
+
+def images(task: str, n: int, seed: int) -> torch.Tensor:
+    """Images whose pixels centre on a per-task colour: distinct distributions for the router."""
+    g = torch.Generator().manual_seed(seed)
+    colour = torch.zeros(3, 1, 1)
+    colour[TASKS.index(task)] = 2.0
+    return colour + 0.3 * torch.randn(n, 3, 32, 32, generator=g)
+
+
+@pytest.fixture(scope="module")
+def engine(backbone, tower):
+    eng = Engine(backbone, k=5, cache_bytes=64 << 20)
+    for i, t in enumerate(TASKS):
+        q = backbone.forward(images(t, 8, seed=i))
+        eng.add(make_switch(tower, t, seed=10 + i, dim=backbone.embed_dim, queries=q, router_fp=backbone.fingerprint))
+    return eng
+
+
+def test_backbone_fingerprint_matches_checkpoint(backbone, tower):
+    from switchbank.checkpoints import fingerprint
+    assert backbone.fingerprint == fingerprint(tower)
+
+
+def test_named_task_uses_that_switch(engine, backbone):
+    x = images("red", 2, seed=100)
+    res = engine.run(x, [Route(task="green")] * 2)
+    sw = engine.switches["green"]
+    expected = head_probs(sw.head, backbone.forward(x, merged_params(backbone.params, [(sw, 1.0)])))
+    assert all(r.head == "green" and r.mode == "task" and r.weights == {"green": 1.0} for r in res)
+    torch.testing.assert_close(torch.stack([r.probs for r in res]), expected)
+
+
+def test_auto_switch_routes_each_request_on_its_own(engine):
+    x = torch.cat([images("red", 1, 200), images("blue", 1, 201), images("green", 1, 202)])
+    res = engine.run(x, [Route()] * 3)
+    assert [r.head for r in res] == ["red", "blue", "green"]
+    assert all(r.mode == "auto" and r.weights == {r.head: 1.0} for r in res)
+
+
+def test_explicit_weights(engine, backbone):
+    x = images("red", 1, 300)
+    res = engine.run(x, [Route(weights={"red": 0.25, "blue": 0.75})])[0]
+    assert res.head == "blue" and res.weights == {"blue": 0.75, "red": 0.25}
+    sws = engine.switches
+    params = merged_params(backbone.params, [(sws["red"], 0.25), (sws["blue"], 0.75)])
+    torch.testing.assert_close(res.probs, head_probs(sws["blue"].head, backbone.forward(x, params))[0])
+
+
+def test_mixed_batch_equals_requests_alone(engine):
+    x = torch.cat([images(t, 2, 400 + i) for i, t in enumerate(TASKS)])
+    routes = [Route(task="red"), Route(), Route(weights={"green": 1, "red": 1}), Route(task="blue"), Route(), Route(task="red")]
+    together = engine.run(x, routes)
+    for i, r in enumerate(routes):
+        alone = engine.run(x[i:i + 1], [r])[0]
+        assert (alone.head, alone.weights) == (together[i].head, together[i].weights)
+        torch.testing.assert_close(alone.probs, together[i].probs, rtol=1e-4, atol=1e-6)
+
+
+def test_base_weights_never_change(engine, backbone):
+    before = {k: v.clone() for k, v in backbone.params.items()}
+    engine.run(images("red", 2, 500), [Route(task="red"), Route(weights={"blue": 2.0})])
+    assert all(torch.equal(before[k], v) for k, v in backbone.params.items())
+
+
+def test_cache_hits_and_invalidation_on_replace(engine, backbone, tower):
+    x = images("green", 1, 600)
+    engine.run(x, [Route(task="green")])
+    hits = engine.cache.stats().hits
+    first = engine.run(x, [Route(task="green")])[0]
+    assert engine.cache.stats().hits == hits + 1
+    old = engine.switches["green"]
+    new = make_switch(tower, "green", seed=99, dim=backbone.embed_dim, queries=old.queries, router_fp=backbone.fingerprint)
+    engine.add(new)
+    assert not any("green" in k.names and k.hashes()["green"] == old.content_hash for k in engine.cache.keys())
+    second = engine.run(x, [Route(task="green")])[0]
+    assert not torch.allclose(first.probs, second.probs)
+    engine.add(old)
+
+
+def test_errors(engine, backbone, tower):
+    x = images("red", 1, 700)
+    with pytest.raises(NotFound):
+        engine.run(x, [Route(task="nope")])
+    with pytest.raises(NotFound):
+        engine.run(x, [Route(weights={"nope": 1.0})])
+    with pytest.raises(InvalidInput):
+        engine.run(x, [Route(weights={"red": 0.0})])
+    with pytest.raises(InvalidInput):
+        engine.run(x, [Route(weights={"red": -1.0})])
+    with pytest.raises(InvalidInput):
+        engine.run(x, [Route(weights={"red": float("nan")})])
+    foreign = make_switch({k: v + 1 for k, v in tower.items()}, "foreign", seed=1, dim=backbone.embed_dim)
+    with pytest.raises(Incompatible, match="built for backbone"):
+        engine.add(foreign)

@@ -1,0 +1,97 @@
+import os
+
+import pytest
+import torch
+
+from switchbank.bank import Bank
+from switchbank.errors import Conflict, CorruptSwitch, InvalidInput, NotFound
+from switchbank.format import to_bytes
+from tests.helpers import make_switch
+
+
+@pytest.fixture(scope="module")
+def files(tower):
+    a1 = to_bytes(make_switch(tower, "a", seed=1))
+    a2 = to_bytes(make_switch(tower, "a", seed=2))
+    b = to_bytes(make_switch(tower, "b", seed=3))
+    return a1, a2, b
+
+
+def test_add_replace_remove_and_generation(tmp_path, files):
+    a1, a2, b = files
+    bank = Bank(tmp_path / "bank", create=True)
+    assert bank.generation == 0 and bank.names() == []
+    sw, changed = bank.add(a1)
+    assert changed and bank.generation == 1 and bank.names() == ["a"]
+    assert bank.add(a1)[1] is False and bank.generation == 1  # identical re-add: idempotent
+    with pytest.raises(Conflict):
+        bank.add(a2)
+    assert bank.load("a").content_hash == sw.content_hash
+    sw2, _ = bank.add(a2, replace=True)
+    assert bank.generation == 2 and bank.load("a").content_hash == sw2.content_hash
+    bank.add(b)
+    bank.remove("a")
+    assert bank.names() == ["b"] and bank.generation == 4
+    assert sorted(p.name for p in bank.files.iterdir()) == [bank.manifest().switches["b"]["file"]]
+    with pytest.raises(NotFound):
+        bank.remove("a")
+    gen, loaded = Bank(bank.root).load_all()
+    assert gen == 4 and list(loaded) == ["b"]
+
+
+def test_bad_uploads_leave_the_bank_unchanged(tmp_path, files, tower):
+    a1 = files[0]
+    bank = Bank(tmp_path, create=True)
+    bank.add(a1)
+    before = (bank.manifest(), sorted(os.listdir(bank.files)))
+    for bad in (a1[:-20], b"not a switch at all", a1[:100] + bytes([a1[100] ^ 1]) + a1[101:]):
+        with pytest.raises(CorruptSwitch):
+            bank.add(bad)
+    with pytest.raises(InvalidInput, match="invalid switch name"):
+        bank.add(to_bytes(make_switch(tower, "../evil", seed=9)))
+
+    def refuse(sw):
+        raise Conflict("no")
+    with pytest.raises(Conflict):
+        bank.add(files[2], validate=refuse)
+    assert (bank.manifest(), sorted(os.listdir(bank.files))) == before
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])  # 1: renaming the switch file, 2: renaming the manifest
+def test_crash_mid_update_keeps_previous_state(tmp_path, files, monkeypatch, fail_at):
+    a1, a2, _ = files
+    bank = Bank(tmp_path, create=True)
+    bank.add(a1)
+    old = bank.load("a").content_hash
+    calls = {"n": 0}
+    real_replace = os.replace
+
+    def flaky_replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise OSError("injected failure")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky_replace)
+    with pytest.raises(OSError, match="injected"):
+        bank.add(a2, replace=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    fresh = Bank(tmp_path)
+    assert fresh.generation == 1 and fresh.load("a").content_hash == old
+    assert not [p for p in os.listdir(fresh.files) if p.endswith(".part")]  # temp files cleaned up
+
+
+def test_leftover_files_of_a_crashed_writer_are_ignored_and_collected(tmp_path, files):
+    a1, _, b = files
+    bank = Bank(tmp_path, create=True)
+    bank.add(a1)
+    (bank.files / ".tmp-crashed.part").write_bytes(b[:50])  # a writer died mid-write
+    (bank.files / "b.0123456789abcdef.safetensors").write_bytes(b)  # died before the manifest
+    assert Bank(tmp_path).names() == ["a"]
+    bank.add(b)
+    assert sorted(os.listdir(bank.files)) == sorted(i["file"] for i in bank.manifest().switches.values())
+
+
+def test_not_a_bank(tmp_path):
+    with pytest.raises(Exception, match="not a switch bank"):
+        Bank(tmp_path)

@@ -1,0 +1,74 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from switchbank.errors import CorruptSwitch
+from switchbank.format import describe, from_bytes, read_meta, to_bytes
+from tests.helpers import make_switch
+
+
+@pytest.fixture(scope="module")
+def switch(tower):
+    return make_switch(tower, "alpha-task", seed=3, center=torch.zeros(32), router_fp="sha256:r")
+
+
+def test_round_trip_is_exact(switch):
+    data = to_bytes(switch)
+    back = from_bytes(data)
+    assert back.content_hash == switch.content_hash
+    assert back.entries == switch.entries
+    assert torch.equal(back.mask, switch.mask) and torch.equal(back.pos, switch.pos)
+    assert torch.equal(back.head.weight, switch.head.weight) and back.head.classes == switch.head.classes
+    assert torch.equal(back.queries, switch.queries)
+    assert back.dense.keys() == switch.dense.keys()
+    assert to_bytes(back) == data  # deterministic bytes
+
+
+def test_on_disk_bits_per_parameter(switch):
+    info = describe(switch, len(to_bytes(switch)))
+    assert info["bits_per_param"] <= (1 + (1 - switch.alpha)) * 1.02
+    assert info["resident_bits_per_param"] <= 2.1
+
+
+def test_truncated_file_is_rejected(switch):
+    data = to_bytes(switch)
+    for cut in (0, 5, 100, len(data) // 2, len(data) - 1):
+        with pytest.raises(CorruptSwitch):
+            from_bytes(data[:cut])
+
+
+def test_flipped_bit_is_rejected(switch):
+    data = bytearray(to_bytes(switch))
+    data[-10] ^= 0x04
+    with pytest.raises(CorruptSwitch, match="content hash"):
+        from_bytes(bytes(data))
+
+
+def test_tampered_metadata_is_rejected(switch):
+    data = to_bytes(switch)
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    meta = json.loads(header["__metadata__"]["switchbank"])
+    meta["alpha"] = 0.1
+    header["__metadata__"]["switchbank"] = json.dumps(meta)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with pytest.raises(CorruptSwitch, match="content hash"):
+        from_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def test_foreign_files_are_rejected():
+    with pytest.raises(CorruptSwitch, match="not a switch file"):
+        from_bytes(save({"w": torch.zeros(3)}))
+    with pytest.raises(CorruptSwitch):
+        from_bytes(b"\x80\x04\x95" + b"pickle payload" * 10)
+    with pytest.raises(CorruptSwitch, match="version"):
+        from_bytes(save({"w": torch.zeros(3)}, metadata={"switchbank": json.dumps({"format": "switchbank-switch", "version": 99})}))
+
+
+def test_read_meta_does_not_decode_tensors(switch):
+    meta = read_meta(to_bytes(switch))
+    assert meta["name"] == "alpha-task" and meta["classes"] == switch.head.classes
