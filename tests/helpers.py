@@ -61,3 +61,44 @@ def save(state: dict[str, torch.Tensor], path: Path) -> Path:
 
 def switch_bytes(sw) -> bytes:
     return to_bytes(sw)
+
+
+TASKS = ["red", "green", "blue"]
+
+
+def colour_png(task: str, seed: int, size: int = 32) -> bytes:
+    """A PNG whose pixels centre on the task's colour: one distinct image distribution per task."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 90, size=(size, size, 3))
+    arr[..., TASKS.index(task) if task in TASKS else 0] += 160
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype("uint8"), "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def task_switch_bytes(backbone, tower, task: str, seed: int, alpha: float = 0.6) -> bytes:
+    """A switch whose query examples are the router embeddings of that task's colour images."""
+    import io
+
+    import torch
+    from PIL import Image
+
+    x = torch.stack([backbone.preprocess(Image.open(io.BytesIO(colour_png(task, 1000 * seed + i))).convert("RGB"))
+                     for i in range(8)])
+    q = backbone.forward(x)
+    return to_bytes(make_switch(tower, task, seed=seed, alpha=alpha, dim=backbone.embed_dim, queries=q,
+                                router_fp=backbone.fingerprint))
+
+
+def make_bank(path: Path, backbone, tower, tasks=TASKS) -> Path:
+    from switchbank.bank import Bank
+
+    bank = Bank(path, create=True)
+    for i, t in enumerate(tasks):
+        bank.add(task_switch_bytes(backbone, tower, t, seed=10 + i))
+    return path

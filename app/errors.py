@@ -1,0 +1,76 @@
+"""Mapping domain errors to HTTP answers, in one place."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from switchbank.errors import (CheckpointError, Conflict, CorruptSwitch, Incompatible, InvalidInput, NotFound,
+                               SwitchBankError)
+
+log = logging.getLogger("switchbank.app")
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        self.limit = limit
+
+
+class Overloaded(Exception):
+    """The request queue is full, or a request waited too long."""
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 422):
+        self.message, self.status = message, status
+
+
+STATUS = [
+    (NotFound, 404), (Conflict, 409), (InvalidInput, 422), (Incompatible, 422),
+    (CorruptSwitch, 422), (CheckpointError, 422), (SwitchBankError, 400),
+]
+
+
+def _answer(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    rid = getattr(request.state, "request_id", None)
+    return JSONResponse({"error": message, "request_id": rid}, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(SwitchBankError)
+    async def _domain(request: Request, exc: SwitchBankError):
+        status = next(code for cls, code in STATUS if isinstance(exc, cls))
+        return _answer(request, status, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        return _answer(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        return _answer(request, 422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, exc: BadRequest):
+        return _answer(request, exc.status, exc.message)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _large(request: Request, exc: BodyTooLarge):
+        return _answer(request, 413, f"request body exceeds the limit of {exc.limit} bytes")
+
+    @app.exception_handler(Overloaded)
+    async def _busy(request: Request, exc: Overloaded):
+        return _answer(request, 503, str(exc) or "server is overloaded; retry shortly", {"Retry-After": "1"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error", extra={"request_id": getattr(request.state, "request_id", None)})
+        return _answer(request, 500, "internal server error")

@@ -1,0 +1,94 @@
+"""The FastAPI application: ``create_app(settings)``; everything heavy loads in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from switchbank import __version__
+from switchbank.backbone import load_backbone
+from switchbank.bank import Bank
+from switchbank.engine import Engine
+from switchbank.errors import SwitchBankError
+
+from . import errors, logs
+from .batching import MicroBatcher
+from .metrics import Metrics
+from .middleware import RequestContext
+from .routes import admin, health, predict, switches
+from .settings import Settings
+
+log = logging.getLogger("switchbank.app")
+
+
+class StartupError(RuntimeError):
+    """A setting or the bank is unusable; the message says what to fix."""
+
+
+def _load(settings: Settings) -> tuple[Bank, Engine]:
+    try:
+        bank = Bank(settings.bank, create=settings.create_bank)
+    except SwitchBankError as exc:
+        raise StartupError(f"cannot open the bank (SWITCHBANK_BANK={settings.bank}): {exc}") from None
+    try:
+        backbone = load_backbone(settings.arch, settings.weights, settings.device, settings.dtype)
+    except (SwitchBankError, OSError, RuntimeError) as exc:
+        raise StartupError(f"cannot load the backbone (SWITCHBANK_ARCH={settings.arch}, "
+                           f"SWITCHBANK_WEIGHTS={settings.weights}): {exc}") from None
+    engine = Engine(backbone, k=settings.k, cache_bytes=settings.cache_bytes)
+    engine.sync(bank)
+    return bank, engine
+
+
+async def _watch_bank(app: FastAPI) -> None:
+    """Pick up changes other replicas make to a shared bank directory."""
+    state = app.state
+    while True:
+        await asyncio.sleep(state.settings.sync_seconds)
+        try:
+            await run_in_threadpool(state.engine.sync, state.bank)
+        except Exception:
+            log.exception("bank sync failed; serving the previous set of switches")
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    state = app.state
+    s: Settings = state.settings
+    state.bank, state.engine = await run_in_threadpool(_load, s)
+    state.engine.on_materialise = state.metrics.materialise.observe
+    state.batcher = MicroBatcher(state.engine, max_batch=s.batch_size, max_wait_s=s.batch_wait_ms / 1000,
+                                 queue_limit=s.queue_limit, timeout_s=s.request_timeout,
+                                 on_batch=state.metrics.batch_size.observe)
+    state.batcher.start()
+    watcher = asyncio.create_task(_watch_bank(app))
+    state.ready = True
+    log.info("ready: %d switches, bank generation %d, device %s", len(state.engine.switches),
+             state.engine.generation, state.engine.backbone.device)
+    try:
+        yield
+    finally:
+        state.ready = False
+        state.not_ready_reason = "shutting down"
+        watcher.cancel()
+        await state.batcher.stop()
+
+
+def create_app(settings: Settings | None = None, *, configure_logging: bool = True) -> FastAPI:
+    settings = settings or Settings()
+    if configure_logging:
+        logs.setup()
+    app = FastAPI(title="switchbank", version=__version__, lifespan=lifespan,
+                  description="Many fine-tuned vision models from one backbone, with binary task switches.")
+    app.state.settings = settings
+    app.state.ready = False
+    app.state.metrics = Metrics(app.state)
+    errors.install(app)
+    for r in (predict.router, switches.router, admin.router, health.router):
+        app.include_router(r)
+    app.add_middleware(RequestContext, settings=settings, metrics=app.state.metrics)
+    return app

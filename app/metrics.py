@@ -1,0 +1,58 @@
+"""Prometheus metrics, prefix switchbank_, in a registry of the app's own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _EngineCollector:
+    """Reads cache, queue and bank figures at scrape time rather than mirroring them."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        engine = getattr(self.state, "engine", None)
+        batcher = getattr(self.state, "batcher", None)
+        if engine is None:
+            return
+        s = engine.cache.stats()
+        for name, value, doc in (
+            ("cache_hits", s.hits, "delta cache hits"),
+            ("cache_misses", s.misses, "delta cache misses (materialisations)"),
+            ("cache_evictions", s.evictions, "combinations evicted to stay within the byte budget"),
+            ("cache_invalidations", s.invalidations, "combinations dropped because a switch changed"),
+            ("cache_bypasses", s.bypasses, "combinations served without caching"),
+        ):
+            c = CounterMetricFamily(f"switchbank_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        for name, value, doc in (
+            ("cache_bytes", s.bytes, "bytes held by cached combinations"),
+            ("cache_capacity_bytes", s.capacity_bytes, "delta cache budget"),
+            ("cache_entries", s.entries, "cached combinations"),
+            ("queue_depth", batcher.depth() if batcher else 0, "requests waiting for a batch"),
+            ("switches", len(engine.switches), "switches being served"),
+            ("bank_generation", engine.generation, "generation of the bank being served"),
+        ):
+            g = GaugeMetricFamily(f"switchbank_{name}", doc)
+            g.add_metric([], value)
+            yield g
+
+
+class Metrics:
+    def __init__(self, state):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("switchbank_requests", "HTTP requests", ["route", "status"], registry=r)
+        self.latency = Histogram("switchbank_request_seconds", "HTTP request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("switchbank_batch_size", "requests per engine batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.materialise = Histogram("switchbank_materialise_seconds", "time to materialise a combination",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.predictions = Counter("switchbank_predictions", "images classified", ["mode"], registry=r)
+        r.register(_EngineCollector(state))

@@ -1,0 +1,103 @@
+"""Admin routes (bearer token): upload, replace, delete, list and describe switches; cache stats."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from switchbank.bank import check_name
+from switchbank.errors import InvalidInput, NotFound
+from switchbank.format import describe
+
+from ..errors import BadRequest
+from ..schemas import ErrorResponse
+from ..security import require_admin
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                   responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 413, 422)})
+
+UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}}}}}
+
+
+async def _upload_bytes(request: Request) -> bytes:
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "multipart/form-data":
+        raise BadRequest("upload a switch file as multipart/form-data field 'file'", 415)
+    await request.body()  # the upload limit applies before the multipart parser runs
+    try:
+        form = await request.form(max_files=1, max_fields=4, max_part_size=request.app.state.settings.upload_limit)
+    except Exception as exc:
+        raise BadRequest(f"malformed multipart body: {exc}", 400) from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise BadRequest("multipart field 'file' (the switch file) is required")
+    return await upload.read()
+
+
+async def _store(request: Request, data: bytes, replace: bool, expect_name: str | None = None):
+    state = request.app.state
+
+    def work():
+        def validate(sw):
+            if expect_name is not None and sw.name != expect_name:
+                raise InvalidInput(f"the file holds switch {sw.name!r}, not {expect_name!r}")
+            state.engine.validate(sw)
+        sw, changed = state.bank.add(data, replace=replace, validate=validate)
+        state.engine.sync(state.bank)
+        return sw, changed
+
+    sw, changed = await run_in_threadpool(work)
+    body = {"name": sw.name, "content_hash": sw.content_hash, "changed": changed, "generation": state.engine.generation}
+    return JSONResponse(body, status_code=201 if changed else 200)
+
+
+@router.post("/switches", openapi_extra=UPLOAD_BODY, status_code=201,
+             summary="Upload a switch; 409 if a different one has that name unless replace=true")
+async def upload(request: Request, replace: bool = Query(False)):
+    return await _store(request, await _upload_bytes(request), replace)
+
+
+@router.put("/switches/{name}", openapi_extra=UPLOAD_BODY, status_code=201, summary="Create or replace the switch `name`")
+async def replace_switch(name: str, request: Request):
+    check_name(name)
+    return await _store(request, await _upload_bytes(request), True, expect_name=name)
+
+
+@router.delete("/switches/{name}", summary="Remove a switch from the bank and stop serving it")
+async def delete(name: str, request: Request):
+    check_name(name)
+    state = request.app.state
+
+    def work():
+        state.bank.remove(name)
+        state.engine.sync(state.bank)
+
+    await run_in_threadpool(work)
+    return {"name": name, "deleted": True, "generation": state.engine.generation}
+
+
+def _describe_all(state) -> dict:
+    sizes = {n: i["bytes"] for n, i in state.bank.manifest().switches.items()}
+    return {n: describe(sw, sizes.get(n)) for n, sw in sorted(state.engine.switches.items())}
+
+
+@router.get("/switches", summary="Every served switch, described in full")
+async def list_switches(request: Request):
+    return {"generation": request.app.state.engine.generation, "switches": list(_describe_all(request.app.state).values())}
+
+
+@router.get("/switches/{name}", summary="One switch, described in full")
+async def describe_switch(name: str, request: Request):
+    info = _describe_all(request.app.state).get(name)
+    if info is None:
+        raise NotFound(f"no switch named {name!r}")
+    return info
+
+
+@router.get("/cache", summary="Delta cache statistics")
+async def cache_stats(request: Request):
+    return asdict(request.app.state.engine.cache.stats())

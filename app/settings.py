@@ -1,0 +1,48 @@
+"""All service settings, from SWITCHBANK_* environment variables (or a .env file)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BANK = Path(__file__).resolve().parent.parent / "demo" / "bank"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWITCHBANK_", env_file=".env", extra="ignore")
+
+    bank: Path = Field(DEFAULT_BANK, description="bank directory (created empty if missing and create_bank is set)")
+    create_bank: bool = Field(False, description="create an empty bank at `bank` if there is none")
+    arch: str = Field("switchbank-efficientnet-lite0", description="open_clip architecture of the backbone")
+    weights: Path | None = Field(None, description="pretrained backbone weights; the demo architecture finds its own")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: str = Field("float32", description="float32, float16 or bfloat16")
+    k: int = Field(10, ge=1, le=1000, description="Auto-Switch neighbours")
+    batch_size: int = Field(16, ge=1, le=1024, description="largest micro-batch")
+    batch_wait_ms: float = Field(4.0, ge=0, le=1000, description="how long a micro-batch waits to fill")
+    cache_bytes: int = Field(2 << 30, ge=1 << 20, description="delta cache budget in bytes")
+    queue_limit: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")
+    upload_limit: int = Field(512 << 20, ge=1024, description="largest admin upload in bytes")
+    body_limit: int = Field(32 << 20, ge=1024, description="largest predict request body in bytes")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height)")
+    batch_items: int = Field(64, ge=1, description="most images in one batch request")
+    admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin; admin routes are closed without it")
+    sync_seconds: float = Field(2.0, gt=0, description="how often to look for bank changes made by other replicas")
+    drain_seconds: int = Field(30, ge=0, description="how long shutdown waits for in-flight requests")
+    request_timeout: float = Field(60.0, gt=0, description="a request waiting longer than this gets 503")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("float32", "float16", "bfloat16"):
+            raise ValueError("SWITCHBANK_DTYPE must be float32, float16 or bfloat16")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu") and not v.startswith("cuda"):
+            raise ValueError("SWITCHBANK_DEVICE must be auto, cpu, cuda or cuda:N")
+        return v
