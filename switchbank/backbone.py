@@ -109,9 +109,14 @@ def load_backbone(arch: str, weights: str | Path | None = None, device: str = "a
     dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
         raise SwitchBankError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **_PREPROCESS.get(arch, {}))
+    # open_clip warns that no pretrained weights were loaded; they are loaded just below.
+    logging.disable(logging.WARNING)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **_PREPROCESS.get(arch, {}))
+    finally:
+        logging.disable(logging.NOTSET)
     visual = model.visual.eval()
     del model
     if weights is None and arch == DEMO_ARCH:
