@@ -60,6 +60,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; replicas running as other users must read it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
