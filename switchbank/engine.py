@@ -49,6 +49,7 @@ class Engine:
         self.cache = DeltaCache(cache_bytes)
         self._switches: dict[str, Switch] = {}
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # the bank watcher and admin calls may sync at once
         self.generation = -1
         self.on_materialise = None  # optional callback(seconds), for metrics
 
@@ -98,6 +99,10 @@ class Engine:
 
     def sync(self, bank: Bank) -> bool:
         """Bring the served set in line with ``bank`` if its generation moved. Returns whether it did."""
+        with self._sync_lock:
+            return self._sync(bank)
+
+    def _sync(self, bank: Bank) -> bool:
         m = bank.manifest()
         if m.generation == self.generation:
             return False

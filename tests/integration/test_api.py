@@ -160,3 +160,11 @@ def test_openapi(client):
     spec = client.get("/openapi.json").json()
     assert "/v1/predict" in spec["paths"] and "/v1/admin/switches" in spec["paths"]
     assert client.get("/docs").status_code == 200
+
+
+def test_admin_closed_without_a_configured_token(bank_dir):
+    settings = Settings(bank=bank_dir, arch=ARCH, device="cpu")
+    with TestClient(create_app(settings, configure_logging=False)) as c:
+        for path in ("/v1/admin/switches", "/v1/admin/cache"):
+            r = c.get(path, headers={"Authorization": "Bearer anything"})
+            assert r.status_code == 403 and "SWITCHBANK_ADMIN_TOKEN" in r.json()["error"]
