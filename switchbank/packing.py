@@ -93,3 +93,63 @@ def ternary(mask_bytes: torch.Tensor, pos_bytes: torch.Tensor, n: int, dtype: to
     table = _ternary_table(mask_bytes.device, dtype)
     codes = (mask_bytes.to(torch.int32) << 8) | pos_bytes.to(torch.int32)
     return table.index_select(0, codes).reshape(-1)[:n]
+
+
+# --- Rice coding of sparse masks --------------------------------------------------------------
+# A mask with few set bits is stored as the gaps between set bits (zeros before each one), each gap
+# split into q = gap >> k (unary: q zeros then a one) and r = gap & (2**k - 1) (k plain bits). The
+# unary parts and the remainders go to two separate bit streams, so that encoding and decoding are
+# both vectorised: the set bits of the unary stream mark where each code ends.
+
+
+def rice_parameter(gaps: np.ndarray) -> tuple[int, int]:
+    """(k, total bits) of the cheapest Rice code for ``gaps``."""
+    best = (0, -1)
+    m = gaps.size
+    for k in range(0, 32):
+        bits = int((gaps >> k).sum()) + m * (1 + k)
+        if best[1] < 0 or bits < best[1]:
+            best = (k, bits)
+        elif bits > best[1]:
+            break
+    return best
+
+
+def rice_encode(mask: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """(stream bytes, k, unary bit count) for a flat bool mask. Stream = unary bytes + remainder bytes."""
+    ones = np.flatnonzero(mask)
+    gaps = np.diff(ones, prepend=-1) - 1
+    k, _ = rice_parameter(gaps)
+    q = gaps >> k
+    ends = np.cumsum(q + 1) - 1
+    unary_bits = int(ends[-1]) + 1 if ends.size else 0
+    unary = np.zeros(unary_bits, dtype=bool)
+    unary[ends] = True
+    rem = ((gaps[:, None] >> np.arange(k)) & 1).astype(bool).reshape(-1) if k else np.zeros(0, bool)
+    return np.concatenate([pack_bits(unary), pack_bits(rem)]), k, unary_bits
+
+
+def rice_len(kept: int, k: int, unary_bits: int) -> int:
+    """Bytes of a Rice stream."""
+    return packed_len(unary_bits) + packed_len(kept * k)
+
+
+def rice_decode(stream: np.ndarray, n: int, kept: int, k: int, unary_bits: int) -> np.ndarray:
+    """The flat bool mask of length ``n`` back from :func:`rice_encode`'s stream."""
+    ub = packed_len(unary_bits)
+    if stream.size != rice_len(kept, k, unary_bits):
+        raise ValueError("Rice stream has the wrong length")
+    ends = np.flatnonzero(np.unpackbits(stream[:ub], count=unary_bits, bitorder="little"))
+    if ends.size != kept:
+        raise ValueError(f"Rice stream encodes {ends.size} set bits, expected {kept}")
+    q = np.diff(ends, prepend=-1) - 1
+    gaps = q << k
+    if k:
+        rem = np.unpackbits(stream[ub:], count=kept * k, bitorder="little").reshape(kept, k).astype(np.int64)
+        gaps = gaps + (rem << np.arange(k)).sum(1)
+    positions = np.cumsum(gaps + 1) - 1
+    if positions.size and positions[-1] >= n:
+        raise ValueError("Rice stream points past the end of the tensor")
+    mask = np.zeros(n, dtype=bool)
+    mask[positions] = True
+    return mask

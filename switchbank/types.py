@@ -76,6 +76,7 @@ class Switch:
     arch: str | None = None
     buffers_differing: list[str] = field(default_factory=list)
     content_hash: str = ""
+    payload_bytes: int = 0  # on-disk bytes of mask, sign and scale; set when written or read
 
     @property
     def n_params(self) -> int:

@@ -20,12 +20,17 @@ def test_demo_backbone_is_the_packaged_imagenet_model(demo):
     assert sum(p.numel() for p in demo.params.values()) == 3_371_008
 
 
-@pytest.mark.parametrize("photo,expected", [("china.jpg", {"palace", "bell cote, bell cot", "monastery", "church, church building"}),
-                                            ("flower.jpg", {"daisy"})])
-def test_demo_backbone_recognises_real_photos(demo, photo, expected):
+@pytest.mark.parametrize("photo,size,expected", [
+    ("china.jpg", None, {"palace", "bell cote, bell cot", "monastery"}),  # the demo's 128 px
+    ("china.jpg", 224, {"palace", "bell cote, bell cot", "monastery"}),   # ImageNet's 224 px
+    ("flower.jpg", 224, {"daisy"}),
+])
+def test_demo_backbone_recognises_real_photos(demo, photo, size, expected):
     from sklearn.datasets import load_sample_image
     from timm.data import ImageNetInfo
 
+    if size:
+        demo = load_backbone(DEMO_ARCH, device="cpu", image_size=size)
     fc = read_state_dict(demo_weights())
     image = Image.fromarray(load_sample_image(photo))
     feats = demo.forward(demo.preprocess(image)[None])

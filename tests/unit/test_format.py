@@ -33,6 +33,21 @@ def test_on_disk_bits_per_parameter(switch):
     assert info["resident_bits_per_param"] <= 2.1
 
 
+@pytest.mark.parametrize("alpha", [0.8, 0.9, 0.97])
+def test_sparse_switches_round_trip_with_rice_coded_masks(tower, alpha):
+    import math
+    sw = make_switch(tower, "sparse", seed=4, alpha=alpha)
+    data = to_bytes(sw)
+    back = from_bytes(data)
+    assert torch.equal(back.mask, sw.mask) and torch.equal(back.pos, sw.pos) and back.entries == sw.entries
+    assert to_bytes(back) == data
+    q = 1 - alpha
+    bound = -(q * math.log2(q) + (1 - q) * math.log2(1 - q)) + q
+    info = describe(back)
+    assert info["bits_per_param"] <= 1.1 * bound + 0.05  # small tensors pay byte padding and scales
+    assert any(len(row) == 5 for row in read_meta(data)["tensors"])  # some tensors are Rice coded
+
+
 def test_truncated_file_is_rejected(switch):
     data = to_bytes(switch)
     for cut in (0, 5, 100, len(data) // 2, len(data) - 1):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from switchbank.packing import (compact_to_dense, dense_to_compact, encode_compact, pack_bits, packed_len,
-                                ternary, unpack_bits)
+                                rice_decode, rice_encode, ternary, unpack_bits)
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 4097])
@@ -37,3 +37,28 @@ def test_compact_rejects_wrong_kept_count():
     m, s, kept = encode_compact(torch.ones(16, dtype=torch.bool), torch.ones(16, dtype=torch.bool))
     with pytest.raises(ValueError, match="set bits"):
         compact_to_dense(m, s, 16, kept - 1)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.001, 0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("n", [1, 9, 4096, 100_003])
+def test_rice_round_trip(p, n):
+    mask = np.random.default_rng(0).random(n) < p
+    stream, k, unary_bits = rice_encode(mask)
+    assert np.array_equal(rice_decode(stream, n, int(mask.sum()), k, unary_bits), mask)
+
+
+def test_rice_is_near_the_entropy_of_sparse_masks():
+    p, n = 0.1, 200_000
+    mask = np.random.default_rng(1).random(n) < p
+    stream, _, _ = rice_encode(mask)
+    entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+    assert 8 * stream.size / n <= 1.05 * entropy
+
+
+def test_rice_decode_rejects_inconsistent_streams():
+    mask = np.random.default_rng(2).random(1000) < 0.1
+    stream, k, u = rice_encode(mask)
+    with pytest.raises(ValueError):
+        rice_decode(stream, 1000, int(mask.sum()) + 1, k, u)
+    with pytest.raises(ValueError):
+        rice_decode(stream[:-1], 1000, int(mask.sum()), k, u)

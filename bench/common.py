@@ -1,0 +1,78 @@
+"""Shared benchmark helpers: machine description, repeated timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu,
+            "device": "cuda" if gpu else "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+
+
+def machine_tag() -> str:
+    m = machine()
+    return ("gpu-" + m["gpu"].split()[-1].lower()) if m["gpu"] else f"cpu{m['cores']}"
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timeit(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Seconds per call, ``repeats`` times after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def summary(samples: list[float]) -> dict:
+    s = sorted(samples)
+    q = statistics.quantiles(s, n=4) if len(s) >= 4 else [s[0], statistics.median(s), s[-1]]
+    return {"median": statistics.median(s), "p25": q[0], "p75": q[2], "min": s[0], "max": s[-1], "n": len(s)}
+
+
+def write(name: str, payload: dict, markdown: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = machine_tag()
+    base = RESULTS / f"{name}-{tag}"
+    base.with_suffix(".json").write_text(json.dumps({"machine": machine(), **payload}, indent=1) + "\n")
+    m = machine()
+    header = (f"Machine: {m['cpu']} ({m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}), torch {m['torch']}, "
+              f"{m['threads']} threads, device {m['device']}.\n\n")
+    base.with_suffix(".md").write_text(header + markdown + "\n")
+    return base
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        out.append("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in r) + " |")
+    return "\n".join(out)
