@@ -39,7 +39,7 @@ def _load(settings: Settings) -> tuple[Bank, Engine]:
     except (SwitchBankError, OSError, RuntimeError) as exc:
         raise StartupError(f"cannot load the backbone (SWITCHBANK_ARCH={settings.arch}, "
                            f"SWITCHBANK_WEIGHTS={settings.weights}): {exc}") from None
-    engine = Engine(backbone, k=settings.k, cache_bytes=settings.cache_bytes)
+    engine = Engine(backbone, k=settings.k, cache_bytes=settings.cache_bytes, router_metric=settings.router_metric)
     engine.sync(bank)
     return bank, engine
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: str = Field("float32", description="float32, float16 or bfloat16")
     k: int = Field(10, ge=1, le=1000, description="Auto-Switch neighbours")
+    router_metric: Literal["l2", "cosine"] = Field(
+        "l2", description="k-NN distance: l2 (the paper's, on raw embeddings) or cosine")
     batch_size: int = Field(16, ge=1, le=1024, description="largest micro-batch")
     batch_wait_ms: float = Field(4.0, ge=0, le=1000, description="how long a micro-batch waits to fill")
     cache_bytes: int = Field(2 << 30, ge=1 << 20, description="delta cache budget in bytes")

@@ -43,9 +43,9 @@ class Result:
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30):
+    def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30, router_metric: str = "l2"):
         self.backbone = backbone
-        self.router = Router(backbone.embed_dim, k)
+        self.router = Router(backbone.embed_dim, k, router_metric)
         self.cache = DeltaCache(cache_bytes)
         self._switches: dict[str, Switch] = {}
         self._lock = threading.Lock()

@@ -17,13 +17,23 @@ import torch
 from .errors import Incompatible, InvalidInput
 
 
-class Router:
-    """A faiss flat L2 index whose vectors carry ids, so tasks come and go without a rebuild."""
+METRICS = ("l2", "cosine")
 
-    def __init__(self, dim: int, k: int = 10):
+
+class Router:
+    """A faiss flat L2 index whose vectors carry ids, so tasks come and go without a rebuild.
+
+    ``metric="l2"`` is the paper's Euclidean distance on raw embeddings; ``"cosine"`` L2-normalises
+    queries and inputs first (ranking by angle), which routes better when embedding norms differ
+    a lot between tasks.
+    """
+
+    def __init__(self, dim: int, k: int = 10, metric: str = "l2"):
         if k < 1:
             raise InvalidInput(f"K must be at least 1, got {k}")
-        self.dim, self.k = int(dim), int(k)
+        if metric not in METRICS:
+            raise InvalidInput(f"router metric must be one of {METRICS}, got {metric!r}")
+        self.dim, self.k, self.metric = int(dim), int(k), metric
         self._index = faiss.IndexIDMap2(faiss.IndexFlatL2(self.dim))
         self._ids: dict[str, np.ndarray] = {}
         self._owner: dict[int, str] = {}
@@ -38,9 +48,15 @@ class Router:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
+    def _prepare(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
+        x = np.array(embeddings, dtype=np.float32, copy=True, order="C")
+        if self.metric == "cosine" and x.ndim == 2 and x.shape[0]:
+            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return x
+
     def add(self, task: str, embeddings: torch.Tensor | np.ndarray) -> None:
         """Add (or replace) a task's query embeddings."""
-        x = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+        x = self._prepare(embeddings)
         if x.ndim != 2 or x.shape[1] != self.dim or x.shape[0] == 0:
             raise Incompatible(f"task {task!r}: query embeddings of shape {x.shape} do not fit a {self.dim}-d router")
         if not np.isfinite(x).all():
@@ -69,7 +85,7 @@ class Router:
     def counts(self, embeddings: torch.Tensor | np.ndarray) -> list[dict[str, int]]:
         """Per row, how many of its K nearest query examples each task owns (they sum to K,
         or to the index size if smaller). Ties in distance go to the earlier-added example."""
-        x = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+        x = self._prepare(embeddings)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise Incompatible(f"embeddings of shape {x.shape} do not fit a {self.dim}-d router")
         with self._lock:

@@ -55,3 +55,17 @@ def test_wrong_dimension_is_rejected():
         r.add("a", np.zeros((3, 2), dtype=np.float32))
     with pytest.raises(Incompatible):
         r.counts(np.zeros((1, 3), dtype=np.float32))
+
+
+def test_cosine_metric_ranks_by_angle():
+    r = Router(dim=2, k=1, metric="cosine")
+    r.add("east", np.array([[10.0, 0.0]], dtype=np.float32))
+    r.add("north", np.array([[0.0, 0.1]], dtype=np.float32))
+    # Euclidean would pick "north" (closer in absolute terms); the angle says "east"
+    assert r.counts(np.array([[1.0, 0.1]], dtype=np.float32)) == [{"east": 1}]
+    plain = Router(dim=2, k=1)
+    plain.add("east", np.array([[10.0, 0.0]], dtype=np.float32))
+    plain.add("north", np.array([[0.0, 0.1]], dtype=np.float32))
+    assert plain.counts(np.array([[1.0, 0.1]], dtype=np.float32)) == [{"north": 1}]
+    with pytest.raises(Exception, match="metric"):
+        Router(dim=2, metric="manhattan")
