@@ -28,7 +28,9 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
             im.load()
     except BadRequest:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadRequest(f"image declares too many pixels; the limit is {max_pixels}", 413) from None
+    except UnidentifiedImageError as exc:
         raise BadRequest(f"not a supported image: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise BadRequest(f"image is truncated or corrupt: {exc}") from None

@@ -4,7 +4,9 @@ A: open_clip ViT-B-32 (random weights are fine for speed) with 8 switches built 
    build path from synthetic fine-tunes (heavy-tailed task vectors), alpha 0.6. Each switch's query
    examples are router embeddings of its own image distribution, so Auto-Switch routes a batch of
    one task's images to that task.
-B: the bundled demo backbone (EfficientNet-Lite0) and demo bank.
+B: the bundled demo backbone (EfficientNet-Lite0) and demo bank, real test images of one task per
+   batch, cosine routing as the demo serves it. Real images do not all route to the same mix, so an
+   Auto-Switch batch can need more than one merged pass.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ class Workload:
     switches: dict[str, Switch]
     images: dict[str, torch.Tensor]  # per task: a pool of preprocessed inputs from its distribution
 
+    router_metric: str = "l2"
+
     def engine(self, cache_bytes: int = 8 << 30, k: int = 10) -> Engine:
-        eng = Engine(self.backbone, k=k, cache_bytes=cache_bytes)
+        eng = Engine(self.backbone, k=k, cache_bytes=cache_bytes, router_metric=self.router_metric)
         for sw in self.switches.values():
             eng.add(sw)
         return eng
@@ -82,7 +86,8 @@ def workload_b(device: str = "auto", dtype: str = "float32") -> Workload:
     for name in switches:
         task = load(name)
         images[name] = torch.stack([backbone.preprocess(im) for im in task.test[:64]])
-    return Workload("B: demo EfficientNet-Lite0 and bank", backbone, switches, images)
+    # cosine routing, as scripts/serve-demo.sh serves the demo bank
+    return Workload("B: demo EfficientNet-Lite0 and bank", backbone, switches, images, router_metric="cosine")
 
 
 WORKLOADS = {"A": workload_a, "B": workload_b}

@@ -7,6 +7,7 @@ different combinations cannot see each other's weights.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,14 +84,37 @@ class Backbone:
     dtype: torch.dtype
 
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Image embeddings [B, D] (fp32) of a preprocessed batch, with ``params`` or the base ones."""
+    def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | torch.nn.Module | None = None) -> torch.Tensor:
+        """Image embeddings [B, D] (fp32) of a preprocessed batch.
+
+        ``params`` is None (the base weights), a module from :meth:`replica`, or a parameter dict.
+        """
         x = x.to(self.device, self.dtype, non_blocking=True)
         if params is None:
             out = self.model(x)
+        elif isinstance(params, torch.nn.Module):
+            out = params(x)
         else:
             out = functional_call(self.model, (params, self.buffers), (x,), tie_weights=False, strict=False)
         return out.float()
+
+    def replica(self, params: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A module running ``params``: the tower's structure copied, every base tensor shared.
+
+        Calling it costs what calling the base model costs, unlike functional_call, which swaps
+        every parameter in and out around each forward. Only tensors that differ from the base
+        take memory, and the base model is never touched.
+        """
+        memo = {id(t): t for t in (*self.params.values(), *self.buffers.values())}
+        for p in self.model.parameters():
+            memo[id(p)] = p
+        clone = copy.deepcopy(self.model, memo)
+        for name, tensor in params.items():
+            if tensor is not self.params[name]:
+                owner, _, leaf = name.rpartition(".")
+                setattr(clone.get_submodule(owner) if owner else clone, leaf,
+                        torch.nn.Parameter(tensor, requires_grad=False))
+        return clone
 
 
 def load_backbone(arch: str, weights: str | Path | None = None, device: str = "auto",

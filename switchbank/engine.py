@@ -153,15 +153,17 @@ class Engine:
                 out[i] = (Combination.of(w, hashes), "auto")
         return out  # type: ignore[return-value]
 
-    def materialise(self, combo: Combination, switches: dict[str, Switch]) -> tuple[dict[str, torch.Tensor], int]:
+    def materialise(self, combo: Combination, switches: dict[str, Switch]) -> tuple[torch.nn.Module, int]:
+        """A module with the merged weights of ``combo`` and the bytes it owns (the cache's unit)."""
         t0 = time.perf_counter()
         base = self.backbone.params
         params = merged_params(base, [(switches[name], float(w)) for name, _, w in combo.terms])
+        module = self.backbone.replica(params)
         if self.backbone.device.type == "cuda":
             torch.cuda.synchronize()
         if self.on_materialise:
             self.on_materialise(time.perf_counter() - t0)
-        return params, owned_bytes(params, base)
+        return module, owned_bytes(params, base)
 
     def run(self, x: torch.Tensor, routes: list[Route]) -> list[Result]:
         """Classify a preprocessed batch ``x`` [B, 3, H, W]; one Route per row."""
@@ -174,8 +176,9 @@ class Engine:
             groups.setdefault(combo, []).append(i)
         results: list[Result | None] = [None] * len(routes)
         for combo, idx in groups.items():
-            with self.cache.lease(combo, lambda c=combo: self.materialise(c, switches)) as params:
-                feats = self.backbone.forward(x[idx], params)
+            xs = x if len(idx) == len(routes) else x[idx]  # one group: no copy of the batch
+            with self.cache.lease(combo, lambda c=combo: self.materialise(c, switches)) as module:
+                feats = self.backbone.forward(xs, module)
             top = combo.top()
             head = switches[top].head
             probs = head_probs(head, feats)

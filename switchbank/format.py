@@ -44,7 +44,7 @@ def content_hash(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
 
 def _encode_mask(mask_bytes: np.ndarray, n: int, kept: int) -> tuple[np.ndarray, list]:
     """The cheaper of a bitmap and a Rice code for one tensor's mask, with its index fields."""
-    if 0 < kept < n // 4:  # a Rice code can only win on sparse masks
+    if 0 < kept < n // 2:  # a Rice code can only win on masks less than half full
         mask = np.unpackbits(mask_bytes, count=n, bitorder="little").astype(bool)
         stream, k, unary_bits = rice_encode(mask)
         if stream.size < mask_bytes.size:

@@ -49,6 +49,8 @@ class Router:
         return int(self._index.ntotal)
 
     def _prepare(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
+        if isinstance(embeddings, torch.Tensor):
+            embeddings = embeddings.detach().to("cpu", torch.float32).numpy()
         x = np.array(embeddings, dtype=np.float32, copy=True, order="C")
         if self.metric == "cosine" and x.ndim == 2 and x.shape[0]:
             x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

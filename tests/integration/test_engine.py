@@ -102,3 +102,21 @@ def test_errors(engine, backbone, tower):
     foreign = make_switch({k: v + 1 for k, v in tower.items()}, "foreign", seed=1, dim=backbone.embed_dim)
     with pytest.raises(Incompatible, match="built for backbone"):
         engine.add(foreign)
+
+
+def test_replica_runs_merged_weights_and_shares_the_rest(engine, backbone):
+    import gc
+    import weakref
+    params = merged_params(backbone.params, [(engine.switches["red"], 1.0)])
+    module = backbone.replica(params)
+    x = images("red", 3, 800)
+    torch.testing.assert_close(backbone.forward(x, module), backbone.forward(x, params))
+    for name, p in module.named_parameters():
+        if params[name] is backbone.params[name]:
+            assert p is backbone.params[name]  # untouched tensors are shared, not copied
+        else:
+            assert p.data_ptr() == params[name].data_ptr() and p is not backbone.params[name]
+    merged = weakref.ref(next(t for n, t in params.items() if t is not backbone.params[n]))
+    del module, params, p
+    gc.collect()
+    assert merged() is None  # dropping the replica returns the merged memory
