@@ -20,6 +20,11 @@ class BodyTooLarge(Exception):
         self.limit = limit
 
 
+class BodyTimeout(Exception):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+
 class Overloaded(Exception):
     """The request queue is full, or a request waited too long."""
 
@@ -65,6 +70,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(BodyTooLarge)
     async def _large(request: Request, exc: BodyTooLarge):
         return _answer(request, 413, f"request body exceeds the limit of {exc.limit} bytes")
+
+    @app.exception_handler(BodyTimeout)
+    async def _slow(request: Request, exc: BodyTimeout):
+        return _answer(request, 408, f"request body not received within {exc.seconds:g} s")
 
     @app.exception_handler(Overloaded)
     async def _busy(request: Request, exc: Overloaded):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
 
-from .errors import BodyTooLarge
+from .errors import BodyTimeout, BodyTooLarge
 
 log = logging.getLogger("switchbank.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -35,12 +36,18 @@ class RequestContext:
         status = {"code": 500}
         declared = headers.get(b"content-length")
         too_large = declared is not None and declared.isdigit() and int(declared) > limit
-        seen = 0
+        seen, body_done = 0, False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # after the body, receive() only waits for a disconnect: no deadline
+                return await receive()
+            try:  # a client that trickles its body cannot hold the request open forever
+                message = await asyncio.wait_for(receive(), self.settings.body_timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(self.settings.body_timeout) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise BodyTooLarge(limit)

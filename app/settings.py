@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     sync_seconds: float = Field(2.0, gt=0, description="how often to look for bank changes made by other replicas")
     drain_seconds: int = Field(30, ge=0, description="how long shutdown waits for in-flight requests")
     request_timeout: float = Field(60.0, gt=0, description="a request waiting longer than this gets 503")
+    body_timeout: float = Field(30.0, gt=0, description="longest wait for the next chunk of a request body (408)")
 
     @field_validator("dtype")
     @classmethod

@@ -168,3 +168,26 @@ def test_admin_closed_without_a_configured_token(bank_dir):
         for path in ("/v1/admin/switches", "/v1/admin/cache"):
             r = c.get(path, headers={"Authorization": "Bearer anything"})
             assert r.status_code == 403 and "SWITCHBANK_ADMIN_TOKEN" in r.json()["error"]
+
+
+def test_slow_body_gets_408(bank_dir):
+    import asyncio
+
+    import httpx
+
+    settings = Settings(bank=bank_dir, arch=ARCH, device="cpu", body_timeout=0.3)
+    app = create_app(settings, configure_logging=False)
+
+    async def trickle():
+        yield b'{"image": "'
+        await asyncio.sleep(1.0)
+        yield b'"}'
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                return await c.post("/v1/predict", content=trickle(), headers={"content-type": "application/json"})
+
+    r = asyncio.run(main())
+    assert r.status_code == 408 and "0.3" in r.json()["error"]

@@ -1,0 +1,330 @@
+"""Crash consistency, overload and soak against the real server on loopback (bounded in time).
+
+    python -m bench.reliability crash --rounds 30
+    python -m bench.reliability overload
+    python -m bench.reliability soak --seconds 180
+    python -m bench.reliability all          # all three, then bench/results/reliability.md
+
+Runs on a copy of the demo bank. Every load loop is bounded in requests and seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TOKEN = "reliability-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(bank: Path, port: int, **env) -> subprocess.Popen:
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "SWITCHBANK_ADMIN_TOKEN": TOKEN, "SWITCHBANK_DEVICE": "cpu",
+               **{f"SWITCHBANK_{k.upper()}": str(v) for k, v in env.items()}}
+    return subprocess.Popen([sys.executable, "-m", "switchbank.cli", "serve", "--bank", str(bank), "--port", str(port)],
+                            env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("server not ready")
+
+
+def copy_demo_bank() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="switchbank-rel-")) / "bank"
+    shutil.copytree(ROOT / "demo" / "bank", d)
+    return d
+
+
+def churn_versions(bank: Path, n: int = 3) -> dict[str, list[bytes]]:
+    """Valid switch files to upload: copies of a demo switch under new names, each in n versions
+    (different head biases), without query examples so that they never change Auto-Switch routes."""
+    from switchbank.bank import Bank
+    from switchbank.format import to_bytes
+    base = Bank(bank).load("faces")
+    out = {}
+    for name in ("churn-a", "churn-b"):
+        out[name] = []
+        for v in range(n):
+            base.name, base.queries, base.router_fingerprint = name, None, None
+            base.head.bias = base.head.bias + 0.01 * (v + 1)
+            out[name].append(to_bytes(base))
+    return out
+
+
+def test_images(n: int = 60) -> list[tuple[bytes, dict]]:
+    from demo.tasks import LOADERS, load
+    rng = random.Random(0)
+    pool = []
+    for name in LOADERS:
+        for im in load(name).test[:10]:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            pool.append((name, buf.getvalue()))
+    return [(png, {"task": t} if rng.random() < 0.5 else {}) for t, png in (rng.choice(pool) for _ in range(n))]
+
+
+# --- crash consistency ---------------------------------------------------------------------------
+def crash(rounds: int = 30, seed: int = 0) -> dict:
+    """SIGKILL the server at random moments during uploads, replacements and deletes; after each
+    kill the bank must load, and every switch must be exactly one version that was uploaded."""
+    from safetensors.torch import load as _load  # noqa: F401  (import cost outside the timed part)
+    from switchbank.bank import Bank
+    from switchbank.format import from_bytes
+    rng = random.Random(seed)
+    bank = copy_demo_bank()
+    versions = churn_versions(bank)
+    known = {name: {from_bytes(v).content_hash for v in vs} for name, vs in versions.items()}
+    ops_total, kills, gen_before = 0, 0, Bank(bank).generation
+    for r in range(rounds):
+        port = free_port()
+        proc = start(bank, port)
+        wait_ready(port, proc)
+        stop = threading.Event()
+        ops = [0]
+
+        def admin():
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=10) as c:
+                while not stop.is_set():
+                    name = rng.choice(list(versions))
+                    try:
+                        if rng.random() < 0.3:
+                            c.delete(f"/v1/admin/switches/{name}")
+                        else:
+                            c.post("/v1/admin/switches", params={"replace": "true"},
+                                   files={"file": ("s", rng.choice(versions[name]))})
+                        ops[0] += 1
+                    except httpx.TransportError:
+                        return  # the server was killed mid-request
+
+        t = threading.Thread(target=admin)
+        t.start()
+        time.sleep(rng.uniform(0.05, 1.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stop.set()
+        t.join()
+        kills += 1
+        ops_total += ops[0]
+        gen, switches = Bank(bank).load_all()  # verifies every file's content hash
+        assert gen >= gen_before, "generation went backwards"
+        gen_before = gen
+        for name, sw in switches.items():
+            if name in known:
+                assert sw.content_hash in known[name], f"round {r}: {name} is not a version that was uploaded"
+        assert {"mnist", "faces"} <= set(switches), "an untouched switch was lost"
+    # a final clean start must serve exactly the bank's switches
+    port = free_port()
+    proc = start(bank, port)
+    wait_ready(port, proc)
+    served = {s["name"] for s in httpx.get(f"http://127.0.0.1:{port}/v1/switches").json()["switches"]}
+    proc.terminate()
+    proc.wait(30)
+    assert served == set(Bank(bank).names())
+    shutil.rmtree(bank.parent)
+    return {"rounds": rounds, "kills": kills, "admin_ops": ops_total, "final_generation": gen_before, "ok": True}
+
+
+# --- overload ------------------------------------------------------------------------------------
+async def _flood(url: str, reqs, concurrency: int, seconds: float) -> dict:
+    statuses, retry_after = {}, set()
+    deadline = time.perf_counter() + seconds
+    it = iter(reqs * 1000)
+
+    async def worker(c):
+        while time.perf_counter() < deadline:
+            png, fields = next(it)
+            r = await c.post("/v1/predict", files={"image": ("i.png", png)}, data=fields)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code == 503:
+                retry_after.add(r.headers.get("retry-after"))
+
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=concurrency)) as c:
+        await asyncio.gather(*(worker(c) for _ in range(concurrency)))
+    return {"statuses": statuses, "retry_after": sorted(x for x in retry_after if x)}
+
+
+def overload(seconds: float = 10, concurrency: int = 64) -> dict:
+    bank = copy_demo_bank()
+    port = free_port()
+    proc = start(bank, port, queue_limit=8, batch_size=4)
+    wait_ready(port, proc)
+    url = f"http://127.0.0.1:{port}"
+    reqs = test_images(30)
+    rss = psutil.Process(proc.pid)
+    rss_before = rss.memory_info().rss
+    flood = asyncio.run(_flood(url, reqs, concurrency, seconds))
+    rss_peak = rss.memory_info().rss
+    calm = asyncio.run(_flood(url, reqs, 2, 3))  # load drops: every request answered again
+    proc.terminate()
+    proc.wait(30)
+    shutil.rmtree(bank.parent)
+    assert flood["statuses"].get(503, 0) > 0 and flood["retry_after"], "a full queue must answer 503 + Retry-After"
+    assert set(flood["statuses"]) <= {200, 503}, f"unexpected statuses {flood['statuses']}"
+    assert set(calm["statuses"]) == {200}, "the server must recover when load drops"
+    return {"flood": flood, "after": calm, "rss_before_mb": rss_before / 1e6, "rss_peak_mb": rss_peak / 1e6}
+
+
+# --- soak ----------------------------------------------------------------------------------------
+def soak(seconds: float = 180, concurrency: int = 8) -> dict:
+    """Mixed-task traffic plus periodic uploads and deletes of switches that do not take part in
+    routing; every answer must equal the same request served alone before the soak."""
+    bank = copy_demo_bank()
+    versions = churn_versions(bank, n=2)
+    port = free_port()
+    proc = start(bank, port)
+    wait_ready(port, proc)
+    url = f"http://127.0.0.1:{port}"
+    reqs = test_images(60)
+    with httpx.Client(base_url=url, timeout=30) as c:
+        expected = [c.post("/v1/predict", files={"image": ("i.png", p)}, data=f).json() for p, f in reqs]
+    key = lambda r: (r["head"], r["weights"], [x["label"] for x in r["predictions"]])  # noqa: E731
+    p = psutil.Process(proc.pid)
+    rss = [p.memory_info().rss]
+    counts = {"requests": 0, "mismatches": 0, "errors": 0, "uploads": 0, "deletes": 0}
+    stop = time.time() + seconds
+
+    def admin():
+        rng = random.Random(1)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as c:
+            while time.time() < stop:
+                name = rng.choice(list(versions))
+                if rng.random() < 0.4:
+                    if c.delete(f"/v1/admin/switches/{name}").status_code == 200:
+                        counts["deletes"] += 1
+                else:
+                    c.post("/v1/admin/switches", params={"replace": "true"}, files={"file": ("s", rng.choice(versions[name]))})
+                    c.post("/v1/predict", files={"image": ("i.png", reqs[0][0])}, data={"task": name})  # use it: fills the cache
+                    counts["uploads"] += 1
+                time.sleep(0.5)
+
+    async def traffic():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            async def worker(i):
+                j = i
+                while time.time() < stop:
+                    png, fields = reqs[j % len(reqs)]
+                    r = await c.post("/v1/predict", files={"image": ("i.png", png)}, data=fields)
+                    counts["requests"] += 1
+                    if r.status_code != 200:
+                        counts["errors"] += 1
+                    elif key(r.json()) != key(expected[j % len(reqs)]):
+                        counts["mismatches"] += 1
+                    j += concurrency
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
+
+    t = threading.Thread(target=admin)
+    t.start()
+    sampler_stop = threading.Event()
+
+    def sample():
+        while not sampler_stop.wait(5):
+            rss.append(p.memory_info().rss)
+
+    s = threading.Thread(target=sample)
+    s.start()
+    asyncio.run(traffic())
+    t.join()
+    sampler_stop.set()
+    s.join()
+    cache = httpx.get(f"{url}/v1/admin/cache", headers=AUTH).json()
+    for name in versions:  # delete everything uploaded: its cached merges must go
+        httpx.delete(f"{url}/v1/admin/switches/{name}", headers=AUTH)
+    cache_after = httpx.get(f"{url}/v1/admin/cache", headers=AUTH).json()
+    rss.append(p.memory_info().rss)
+    proc.terminate()
+    proc.wait(30)
+    shutil.rmtree(bank.parent)
+    third = max(1, len(rss) // 3)
+    early, late = sum(rss[:third]) / third, sum(rss[-third:]) / third
+    return {**counts, "seconds": seconds, "rss_start_mb": rss[0] / 1e6, "rss_end_mb": rss[-1] / 1e6,
+            "rss_drift_mb": (late - early) / 1e6, "cache_bytes_during": cache["bytes"],
+            "cache_bytes_after_deletes": cache_after["bytes"], "cache_entries_after_deletes": cache_after["entries"]}
+
+
+def report(results: dict) -> None:
+    lines = ["# Reliability", ""]
+    if "crash" in results:
+        c = results["crash"]
+        lines += ["## Crash consistency", "",
+                  f"{c['rounds']} rounds: the server was SIGKILLed at a random moment while {c['admin_ops']} uploads, "
+                  f"replacements and deletes ran; after every kill the bank loaded with every file verified, and every "
+                  f"switch was exactly one uploaded version. Final generation {c['final_generation']}.", "",
+                  "Reproduce: `python -m bench.reliability crash --rounds 30`", ""]
+    if "overload" in results:
+        o = results["overload"]
+        lines += ["## Overload", "",
+                  f"64 concurrent clients against a queue of 8 for 10 s: statuses {o['flood']['statuses']}, Retry-After "
+                  f"{o['flood']['retry_after']}; resident memory {o['rss_before_mb']:.0f} MB before, {o['rss_peak_mb']:.0f} MB "
+                  f"at the end of the flood; afterwards, 2 clients got {o['after']['statuses']}.", "",
+                  "Reproduce: `python -m bench.reliability overload`", ""]
+    if "soak" in results:
+        s = results["soak"]
+        lines += ["## Soak", "",
+                  f"{s['seconds']:.0f} s of mixed-task traffic from 8 clients with {s['uploads']} uploads and {s['deletes']} "
+                  f"deletes: {s['requests']} requests, {s['errors']} errors (5xx or otherwise), {s['mismatches']} answers "
+                  f"that differed from the same request served alone. Resident memory {s['rss_start_mb']:.0f} MB at start, "
+                  f"{s['rss_end_mb']:.0f} MB at the end, drift {s['rss_drift_mb']:+.1f} MB (mean of the last third of "
+                  f"samples minus the first third). Cache bytes {s['cache_bytes_during']:,} during the soak, "
+                  f"{s['cache_bytes_after_deletes']:,} after deleting the uploaded switches.", "",
+                  "Reproduce: `python -m bench.reliability soak --seconds 180`", ""]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "reliability.md").write_text("\n".join(lines))
+    (RESULTS / "reliability.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["crash", "overload", "soak", "all"])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--seconds", type=float, default=180)
+    args = ap.parse_args(argv)
+    results = {}
+    if args.what in ("crash", "all"):
+        results["crash"] = crash(args.rounds)
+        print("crash:", results["crash"], flush=True)
+    if args.what in ("overload", "all"):
+        results["overload"] = overload()
+        print("overload:", results["overload"], flush=True)
+    if args.what in ("soak", "all"):
+        results["soak"] = soak(args.seconds)
+        print("soak:", results["soak"], flush=True)
+    if args.what == "all":
+        report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
