@@ -53,7 +53,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
-        return _answer(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; GET and POST on one path
+            # are separate routes here, so gather them all.
+            methods = {m for r in request.app.routes if getattr(r, "path_regex", None) and r.path_regex.match(request.url.path)
+                       for m in (getattr(r, "methods", None) or ())}
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(methods))}
+        return _answer(request, exc.status_code, str(exc.detail), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

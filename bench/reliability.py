@@ -282,7 +282,7 @@ def report(results: dict) -> None:
                   f"{c['rounds']} rounds: the server was SIGKILLed at a random moment while {c['admin_ops']} uploads, "
                   f"replacements and deletes ran; after every kill the bank loaded with every file verified, and every "
                   f"switch was exactly one uploaded version. Final generation {c['final_generation']}.", "",
-                  "Reproduce: `python -m bench.reliability crash --rounds 30`", ""]
+                  f"Reproduce: `python -m bench.reliability crash --rounds {c['rounds']}`", ""]
     if "overload" in results:
         o = results["overload"]
         lines += ["## Overload", "",
@@ -297,9 +297,11 @@ def report(results: dict) -> None:
                   f"deletes: {s['requests']} requests, {s['errors']} errors (5xx or otherwise), {s['mismatches']} answers "
                   f"that differed from the same request served alone. Resident memory {s['rss_start_mb']:.0f} MB at start, "
                   f"{s['rss_end_mb']:.0f} MB at the end, drift {s['rss_drift_mb']:+.1f} MB (mean of the last third of "
-                  f"samples minus the first third). Cache bytes {s['cache_bytes_during']:,} during the soak, "
-                  f"{s['cache_bytes_after_deletes']:,} after deleting the uploaded switches.", "",
-                  "Reproduce: `python -m bench.reliability soak --seconds 180`", ""]
+                  f"samples minus the first third). Cache bytes {s['cache_bytes_during']:,} at the end of the soak, "
+                  f"{s['cache_bytes_after_deletes']:,} ({s['cache_entries_after_deletes']} combinations) after deleting the "
+                  "uploaded switches: every cached merge that used them was dropped; what remains are merges of the "
+                  "six demo switches that Auto-Switch traffic used.", "",
+                  f"Reproduce: `python -m bench.reliability soak --seconds {s['seconds']:.0f}`", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reliability.md").write_text("\n".join(lines))
     (RESULTS / "reliability.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -48,7 +48,14 @@ fi
 step "building $IMAGE (VARIANT=$VARIANT)"
 pipconf=$(mktemp)
 printf '[global]\ncert = /etc/pip-host-ca.crt\n' > "$pipconf"
-buildah bud --layers --isolation chroot -f Dockerfile \
+# A local wheelhouse (WHEELHOUSE, or the one this machine keeps) saves downloading torch again.
+WHEELHOUSE=${WHEELHOUSE:-/opt/pypi-more/files}
+wheels=()
+if [ -d "$WHEELHOUSE" ]; then
+  printf 'find-links = /wheelhouse\n' >> "$pipconf"
+  wheels=(-v "$WHEELHOUSE:/wheelhouse:ro")
+fi
+buildah bud --layers --isolation chroot -f Dockerfile "${wheels[@]}" \
   -v /etc/ssl/certs/ca-certificates.crt:/etc/pip-host-ca.crt:ro -v "$pipconf:/etc/pip.conf:ro" \
   --build-arg BASE="$BASE" --build-arg VARIANT="$VARIANT" --build-arg TORCH_INDEX_URL="${TORCH_INDEX_URL-}" \
   -t "$IMAGE" . >/tmp/switchbank-build.log 2>&1 || { tail -40 /tmp/switchbank-build.log; exit 1; }

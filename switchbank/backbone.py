@@ -1,8 +1,8 @@
 """The resident backbone: an open_clip image tower, its preprocessing, and a functional forward.
 
-The base parameters are never modified: every forward takes a parameter dict (the base one or a
-merged one from the cache) through ``torch.func.functional_call``, so concurrent batches with
-different combinations cannot see each other's weights.
+The base parameters are never modified: a merged combination runs through its own replica of the
+tower (see :meth:`Backbone.replica`), or a parameter dict through ``torch.func.functional_call``,
+so concurrent batches with different combinations cannot see each other's weights.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from ..schemas import ErrorResponse
 from ..security import require_admin
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
-                   responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 413, 422)})
+                   responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 408, 409, 413, 415, 422)})
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}}}}}

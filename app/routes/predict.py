@@ -19,7 +19,7 @@ from ..schemas import BatchJSON, BatchResponse, ErrorResponse, Label, PredictJSO
 
 router = APIRouter(prefix="/v1", tags=["predict"])
 
-ERRORS = {s: {"model": ErrorResponse} for s in (404, 413, 415, 422, 503)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 408, 413, 415, 422, 503)}
 _OPTIONS = {"task": {"type": "string"}, "weights": {"type": "string", "description": "JSON object {switch: weight}"},
             "top_k": {"type": "integer", "minimum": 1, "maximum": 100}}
 PREDICT_BODY = {
