@@ -76,3 +76,56 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     for r in rows:
         out.append("| " + " | ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in r) + " |")
     return "\n".join(out)
+
+
+# --- a real server on loopback, and demo traffic for it --------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bank: Path, port: int, **env):
+    """``switchbank serve`` in a subprocess; ``env`` sets SWITCHBANK_* settings (admin_token=...)."""
+    import subprocess
+    import sys
+    environ = {**os.environ, "PYTHONPATH": str(ROOT),
+               **{f"SWITCHBANK_{k.upper()}": str(v) for k, v in env.items()}}
+    return subprocess.Popen([sys.executable, "-m", "switchbank.cli", "serve", "--bank", str(bank), "--port", str(port)],
+                            env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_ready(port: int, proc, timeout: float = 120) -> None:
+    import httpx
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("server not ready")
+
+
+def demo_traffic(n: int, per_task: int, seed: int = 0) -> list[tuple[bytes, dict]]:
+    """n (png bytes, form fields) requests over every demo task's test images: half name their
+    task, half are left to Auto-Switch."""
+    import io
+    import random
+
+    from demo.tasks import LOADERS, load
+    rng = random.Random(seed)
+    pool = []
+    for name in LOADERS:
+        for im in load(name).test[:per_task]:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            pool.append((name, buf.getvalue()))
+    return [(png, {"task": t} if rng.random() < 0.5 else {}) for t, png in (rng.choice(pool) for _ in range(n))]

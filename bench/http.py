@@ -13,61 +13,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
-import os
-import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
-from bench.common import md_table, write
+from bench.common import ROOT, demo_traffic, free_port, md_table, start_server, wait_ready, write
 
-ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
 
 
-def traffic(n: int, seed: int = 0) -> list[tuple[bytes, dict]]:
-    """n (png bytes, form fields) pairs: every task's test images, half named-task, half Auto-Switch."""
-    from demo.tasks import LOADERS, load
-    rng = random.Random(seed)
-    pool = []
-    for name in LOADERS:
-        for im in load(name).test[:40]:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            pool.append((name, buf.getvalue()))
-    out = []
-    for _ in range(n):
-        name, png = rng.choice(pool)
-        out.append((png, {"task": name} if rng.random() < 0.5 else {}))
-    return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int) -> subprocess.Popen:
-    env = {**os.environ, "SWITCHBANK_ADMIN_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "switchbank.cli", "serve", "--bank", str(ROOT / "demo" / "bank"),
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.time() + 120
-    while time.time() < end:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+def start(port: int):
+    proc = start_server(ROOT / "demo" / "bank", port, admin_token=TOKEN)
+    wait_ready(port, proc)
+    return proc
 
 
 async def load_test(url: str, reqs, clients: int, seconds: float) -> dict:
@@ -132,11 +92,11 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--seconds", type=float, default=60)
     args = ap.parse_args(argv)
-    reqs = traffic(args.requests)
+    reqs = demo_traffic(args.requests, per_task=40)
     engine_rps = in_process(reqs, batch=16)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(port)
+    proc = start(port)
     rows, results = [], []
     try:
         asyncio.run(load_test(url, reqs[:32], 4, 30))  # warm-up

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
-import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,37 +25,15 @@ from pathlib import Path
 import httpx
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.common import ROOT, demo_traffic, free_port, start_server, wait_ready
+
 RESULTS = ROOT / "bench" / "results"
 TOKEN = "reliability-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(bank: Path, port: int, **env) -> subprocess.Popen:
-    environ = {**os.environ, "PYTHONPATH": str(ROOT), "SWITCHBANK_ADMIN_TOKEN": TOKEN, "SWITCHBANK_DEVICE": "cpu",
-               **{f"SWITCHBANK_{k.upper()}": str(v) for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "-m", "switchbank.cli", "serve", "--bank", str(bank), "--port", str(port)],
-                            env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("server not ready")
+def start(bank: Path, port: int, **env):
+    return start_server(bank, port, admin_token=TOKEN, device="cpu", **env)
 
 
 def copy_demo_bank() -> Path:
@@ -84,23 +58,10 @@ def churn_versions(bank: Path, n: int = 3) -> dict[str, list[bytes]]:
     return out
 
 
-def test_images(n: int = 60) -> list[tuple[bytes, dict]]:
-    from demo.tasks import LOADERS, load
-    rng = random.Random(0)
-    pool = []
-    for name in LOADERS:
-        for im in load(name).test[:10]:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            pool.append((name, buf.getvalue()))
-    return [(png, {"task": t} if rng.random() < 0.5 else {}) for t, png in (rng.choice(pool) for _ in range(n))]
-
-
 # --- crash consistency ---------------------------------------------------------------------------
 def crash(rounds: int = 30, seed: int = 0) -> dict:
     """SIGKILL the server at random moments during uploads, replacements and deletes; after each
     kill the bank must load, and every switch must be exactly one version that was uploaded."""
-    from safetensors.torch import load as _load  # noqa: F401  (import cost outside the timed part)
     from switchbank.bank import Bank
     from switchbank.format import from_bytes
     rng = random.Random(seed)
@@ -182,7 +143,7 @@ def overload(seconds: float = 10, concurrency: int = 64) -> dict:
     proc = start(bank, port, queue_limit=8, batch_size=4)
     wait_ready(port, proc)
     url = f"http://127.0.0.1:{port}"
-    reqs = test_images(30)
+    reqs = demo_traffic(30, per_task=10)
     rss = psutil.Process(proc.pid)
     rss_before = rss.memory_info().rss
     flood = asyncio.run(_flood(url, reqs, concurrency, seconds))
@@ -207,7 +168,7 @@ def soak(seconds: float = 180, concurrency: int = 8) -> dict:
     proc = start(bank, port)
     wait_ready(port, proc)
     url = f"http://127.0.0.1:{port}"
-    reqs = test_images(60)
+    reqs = demo_traffic(60, per_task=10)
     with httpx.Client(base_url=url, timeout=30) as c:
         expected = [c.post("/v1/predict", files={"image": ("i.png", p)}, data=f).json() for p, f in reqs]
     key = lambda r: (r["head"], r["weights"], [x["label"] for x in r["predictions"]])  # noqa: E731

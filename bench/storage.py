@@ -9,8 +9,6 @@ import argparse
 import math
 import sys
 
-import torch
-
 from bench.common import md_table, write
 from bench.workloads import synthetic_finetune
 from switchbank.backbone import load_backbone

@@ -37,9 +37,10 @@ if [ -z "$BASE" ]; then
   BASE=localhost/debian:bookworm
   if ! podman image exists "$BASE"; then
     step "making a bookworm base image with debootstrap"
-    mirror=$(grep -rhoE 'https?://[^ ]+' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | grep -v security | head -n1)
+    mirror=$(awk '/^URIs:/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
     root=$(mktemp -d)
-    debootstrap --variant=minbase bookworm "$root" "${mirror:-http://deb.debian.org/debian}" >/dev/null
+    debootstrap --variant=minbase bookworm "$root" "${mirror:-http://deb.debian.org/debian}" >/tmp/switchbank-debootstrap.log 2>&1 \
+      || { tail -20 /tmp/switchbank-debootstrap.log; exit 1; }
     tar -C "$root" -c . | podman import --change 'CMD ["/bin/bash"]' - "$BASE" >/dev/null
     rm -rf "$root"
   fi

@@ -3,8 +3,6 @@
 import json
 
 import pytest
-import torch
-
 import demo.tasks as tasks
 from switchbank.bank import Bank
 from switchbank.format import read_switch

@@ -1,8 +1,6 @@
 import os
 
 import pytest
-import torch
-
 from switchbank.bank import Bank
 from switchbank.errors import Conflict, CorruptSwitch, InvalidInput, NotFound
 from switchbank.format import to_bytes
