@@ -42,37 +42,64 @@ def check_against(sw: Switch, base: dict[str, torch.Tensor]) -> None:
             raise Incompatible(f"switch {sw.name!r} has 0-dim tensor {name!r}, which the backbone lacks")
 
 
+CHUNK = 1 << 24  # elements decoded at once: bounds the int8 scratch to 16 MiB
+
+
+def _decoded(sw: Switch):
+    """Yield (entry, int8 ternary view) for every tensor of ``sw``, decoding runs of consecutive
+    tensors in one pass: per-tensor dispatch, not arithmetic, dominates small towers."""
+    run: list = []
+    size = 0
+
+    def flush():
+        first, last = run[0], run[-1]
+        lo, hi = first.offset, last.offset + last.nbytes
+        tern = ternary(sw.mask[lo:hi], sw.pos[lo:hi], (hi - lo) * 8, torch.int8)
+        for e in run:
+            start = (e.offset - lo) * 8
+            yield e, tern[start:start + e.numel]
+
+    for e in sw.entries:
+        if e.scale == 0.0 or e.kept == 0:
+            continue
+        if run and size + e.numel > CHUNK:
+            yield from flush()
+            run, size = [], 0
+        run.append(e)
+        size += e.nbytes * 8
+    if run:
+        yield from flush()
+
+
 def merged_params(base: dict[str, torch.Tensor], weighted: Weighted) -> dict[str, torch.Tensor]:
     """Merged parameters for ``weighted`` = [(switch, weight), ...] over ``base`` (never modified).
 
-    The first switch's add writes the output directly instead of cloning the base first. Sums run
-    in fp32 and are cast once to each base tensor's dtype, so fp16/bf16 backbones keep small deltas.
+    Switch by switch, each decoded in a few large passes; the first term of a tensor writes its
+    output directly instead of cloning the base first. Sums run in fp32 and are cast once to each
+    base tensor's dtype, so fp16/bf16 backbones keep small deltas. Extra memory: the merged copy
+    plus at most CHUNK bytes of decoded bits.
     """
-    weighted = [(sw, float(w)) for sw, w in weighted if float(w) != 0.0]
-    maps = [(sw, w, sw.entry_map()) for sw, w in weighted]
-    out: dict[str, torch.Tensor] = {}
-    for name, theta0 in base.items():
-        acc: torch.Tensor | None = None
-        flat0 = theta0.reshape(-1)
-        for sw, w, entries in maps:
-            e = entries.get(name)
-            if e is not None:
-                if e.scale == 0.0 or e.kept == 0:
-                    continue
-                # int8 decode then one cast: faster than a float table look-up or a mixed-dtype add
-                delta = ternary(sw.mask[e.offset:e.offset + e.nbytes], sw.pos[e.offset:e.offset + e.nbytes],
-                                e.numel, torch.int8).float()
-                coef = w * e.scale
-            elif name in sw.dense:
-                delta, coef = sw.dense[name].to(theta0.device, torch.float32).reshape(-1), w
-            else:
-                continue
-            if acc is None:
-                acc = torch.add(flat0 if flat0.dtype == torch.float32 else flat0.float(), delta, alpha=coef)
-            else:
-                acc.add_(delta, alpha=coef)
-        out[name] = theta0 if acc is None else acc.reshape(theta0.shape).to(theta0.dtype)
-    return out
+    acc: dict[str, torch.Tensor] = {}
+
+    def add(name: str, delta: torch.Tensor, coef: float) -> None:
+        if name in acc:
+            acc[name].add_(delta, alpha=coef)
+        else:
+            flat0 = base[name].reshape(-1)
+            acc[name] = torch.add(flat0 if flat0.dtype == torch.float32 else flat0.float(), delta, alpha=coef)
+
+    for sw, w in weighted:
+        w = float(w)
+        if w == 0.0:
+            continue
+        for e, tern in _decoded(sw):
+            if e.name in base:
+                # one cast then an fp32 add: faster than a mixed-dtype add
+                add(e.name, tern.float(), w * e.scale)
+        for name, d in sw.dense.items():
+            if name in base:
+                add(name, d.to(base[name].device, torch.float32).reshape(-1), w)
+    return {name: (acc[name].reshape(t.shape).to(t.dtype) if name in acc else t) for name, t in base.items()}
 
 
 def owned_bytes(params: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> int:

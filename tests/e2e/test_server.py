@@ -148,3 +148,17 @@ def test_bad_settings_fail_startup_with_a_message(tmp_path):
     proc = start_server(tmp_path / "missing-bank", free_port(), tmp_path / "log")
     assert proc.wait(60) != 0
     assert "SWITCHBANK_BANK" in (tmp_path / "log").read_text()
+
+
+def test_token_never_reaches_the_logs(server):
+    client, _, tmp = server
+    client.describe()
+    SwitchbankClient(str(client._http.base_url), admin_token="wrong-" + TOKEN).ready()
+    with pytest.raises(SwitchbankError):
+        SwitchbankClient(str(client._http.base_url), admin_token="wrong-" + TOKEN).describe()
+    time.sleep(0.2)
+    log = (tmp / "server.log").read_text()
+    assert '"path": "/v1/admin/switches"' in log  # the requests were logged...
+    assert TOKEN not in log  # ...without their credentials
+    metrics = client._http.get("/metrics").text + str(client.switches())
+    assert TOKEN not in metrics
