@@ -13,6 +13,7 @@ from switchbank.errors import InvalidInput, NotFound
 from switchbank.format import describe
 
 from ..errors import BadRequest
+from ..forms import content_type, form_file, read_form
 from ..schemas import ErrorResponse
 from ..security import require_admin
 
@@ -24,18 +25,10 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 
 async def _upload_bytes(request: Request) -> bytes:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "multipart/form-data":
+    if content_type(request) != "multipart/form-data":
         raise BadRequest("upload a switch file as multipart/form-data field 'file'", 415)
-    await request.body()  # the upload limit applies before the multipart parser runs
-    try:
-        form = await request.form(max_files=1, max_fields=4, max_part_size=request.app.state.settings.upload_limit)
-    except Exception as exc:
-        raise BadRequest(f"malformed multipart body: {exc}", 400) from None
-    upload = form.get("file")
-    if upload is None or isinstance(upload, str):
-        raise BadRequest("multipart field 'file' (the switch file) is required")
-    return await upload.read()
+    form = await read_form(request, max_files=1, max_fields=4, max_part_size=request.app.state.settings.upload_limit)
+    return await form_file(form, "file", "the switch file").read()
 
 
 async def _store(request: Request, data: bytes, replace: bool, expect_name: str | None = None):

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from switchbank.engine import Result, Route
 
 from ..errors import BadRequest
+from ..forms import content_type, form_file, read_form
 from ..imaging import decode
 from ..schemas import BatchJSON, BatchResponse, ErrorResponse, Label, PredictJSON, PredictOptions, Prediction, PredictResponse
 
@@ -54,19 +55,13 @@ async def _read_json(request: Request, model):
 
 
 async def _parse_single(request: Request) -> tuple[bytes, PredictOptions]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = content_type(request)
     if ctype == "application/json":
         req = await _read_json(request, PredictJSON)
         return _b64(req.image), req
     if ctype == "multipart/form-data":
-        await request.body()  # enforce the body limit before the form parser spools anything
-        try:
-            form = await request.form(max_files=1, max_fields=8)
-        except Exception as exc:  # the multipart parser's errors are many; the client's fault either way
-            raise BadRequest(f"malformed multipart body: {exc}", 400) from None
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise BadRequest("multipart field 'image' (a file) is required")
+        form = await read_form(request, max_files=1, max_fields=8)
+        upload = form_file(form, "image", "a file")
         raw = {k: form.get(k) for k in ("task", "weights", "top_k") if form.get(k) not in (None, "")}
         if "weights" in raw:
             try:
@@ -119,7 +114,7 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {"application/json": 
 @router.post("/predict/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY,
              summary="Classify several base64 images, each routed on its own")
 async def predict_batch(request: Request) -> BatchResponse:
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+    if content_type(request) != "application/json":
         raise BadRequest("send application/json: {\"items\": [{\"image\": base64, ...}, ...]}", 415)
     body = await _read_json(request, BatchJSON)
     limit = request.app.state.settings.batch_items
