@@ -106,8 +106,6 @@ class Backbone:
         take memory, and the base model is never touched.
         """
         memo = {id(t): t for t in (*self.params.values(), *self.buffers.values())}
-        for p in self.model.parameters():
-            memo[id(p)] = p
         clone = copy.deepcopy(self.model, memo)
         for name, tensor in params.items():
             if tensor is not self.params[name]:

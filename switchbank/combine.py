@@ -62,11 +62,12 @@ def _decoded(sw: Switch):
     for e in sw.entries:
         if e.scale == 0.0 or e.kept == 0:
             continue
-        if run and size + e.numel > CHUNK:
+        bits = e.nbytes * 8  # what the tensor's byte-aligned segment decodes to
+        if run and size + bits > CHUNK:
             yield from flush()
             run, size = [], 0
         run.append(e)
-        size += e.nbytes * 8
+        size += bits
     if run:
         yield from flush()
 
