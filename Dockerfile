@@ -41,7 +41,8 @@ COPY demo/bank /app/demo/bank
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SWITCHBANK_BANK=/data/bank \
-    SWITCHBANK_DRAIN_SECONDS=25
+    SWITCHBANK_DRAIN_SECONDS=25 \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
 USER 10001:10001
 WORKDIR /app
 EXPOSE 8000

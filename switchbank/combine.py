@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from . import fused
 from .errors import Incompatible
 from .packing import ternary
 from .types import Switch
@@ -75,32 +77,71 @@ def _decoded(sw: Switch):
 def merged_params(base: dict[str, torch.Tensor], weighted: Weighted) -> dict[str, torch.Tensor]:
     """Merged parameters for ``weighted`` = [(switch, weight), ...] over ``base`` (never modified).
 
-    Switch by switch, each decoded in a few large passes; the first term of a tensor writes its
-    output directly instead of cloning the base first. Sums run in fp32 and are cast once to each
-    base tensor's dtype, so fp16/bf16 backbones keep small deltas. Extra memory: the merged copy
-    plus at most CHUNK bytes of decoded bits.
+    Terms are added switch by switch in fp32, one rounding each, and cast once to each base
+    tensor's dtype, so fp16/bf16 backbones keep small deltas. fp32 CPU towers take the fused
+    single-pass kernel (fused.py); anything else runs as torch ops, switch by switch, each decoded
+    in a few large passes, with at most CHUNK bytes of decoded bits beside the merged copy. Both
+    give the same bits.
     """
-    acc: dict[str, torch.Tensor] = {}
-
-    def add(name: str, delta: torch.Tensor, coef: float) -> None:
-        if name in acc:
-            acc[name].add_(delta, alpha=coef)
-        else:
-            flat0 = base[name].reshape(-1)
-            acc[name] = torch.add(flat0 if flat0.dtype == torch.float32 else flat0.float(), delta, alpha=coef)
-
+    weighted = [(sw, float(w)) for sw, w in weighted if float(w) != 0.0]
+    if fused.supports(base) and all(sw.mask.device.type == "cpu" for sw, _ in weighted):
+        acc = _fused_sums(base, weighted)
+    else:
+        acc = _torch_sums(base, weighted)
     for sw, w in weighted:
-        w = float(w)
-        if w == 0.0:
-            continue
+        for name, d in sw.dense.items():
+            if name in base:
+                _add(acc, base, name, d.to(base[name].device, torch.float32).reshape(-1), w)
+    out = {}
+    for name, t in base.items():
+        a = acc.get(name)
+        if a is not None and (a.shape != t.shape or a.dtype != t.dtype):
+            a = a.reshape(t.shape).to(t.dtype)
+        out[name] = t if a is None else a
+    return out
+
+
+def _add(acc: dict[str, torch.Tensor], base: dict[str, torch.Tensor], name: str, delta: torch.Tensor,
+         coef: float) -> None:
+    """acc[name] += coef * delta, the first term writing base + coef * delta without a clone."""
+    if name in acc:
+        acc[name].add_(delta, alpha=coef)
+    else:
+        flat0 = base[name].reshape(-1)
+        acc[name] = torch.add(flat0 if flat0.dtype == torch.float32 else flat0.float(), delta, alpha=coef)
+
+
+def _torch_sums(base: dict[str, torch.Tensor], weighted: list[tuple[Switch, float]]) -> dict[str, torch.Tensor]:
+    acc: dict[str, torch.Tensor] = {}
+    for sw, w in weighted:
         for e, tern in _decoded(sw):
             if e.name in base:
                 # one cast then an fp32 add: faster than a mixed-dtype add
-                add(e.name, tern.float(), w * e.scale)
-        for name, d in sw.dense.items():
-            if name in base:
-                add(name, d.to(base[name].device, torch.float32).reshape(-1), w)
-    return {name: (acc[name].reshape(t.shape).to(t.dtype) if name in acc else t) for name, t in base.items()}
+                _add(acc, base, e.name, tern.float(), w * e.scale)
+    return acc
+
+
+def _fused_sums(base: dict[str, torch.Tensor], weighted: list[tuple[Switch, float]]) -> dict[str, torch.Tensor]:
+    names: list[str] = []
+    index: dict[str, int] = {}
+    terms = []
+    for sw, w in weighted:
+        idx, offset, coef = [], [], []
+        for e in sw.entries:
+            if e.scale == 0.0 or e.kept == 0 or e.name not in base:
+                continue
+            i = index.get(e.name)
+            if i is None:
+                i = index[e.name] = len(names)
+                names.append(e.name)
+            idx.append(i)
+            offset.append(e.offset)
+            coef.append(w * e.scale)
+        terms.append(fused.Term(sw.mask, sw.pos, np.asarray(idx, dtype=np.int64),
+                                np.asarray(offset, dtype=np.int64), np.asarray(coef, dtype=np.float32)))
+    if not names:
+        return {}
+    return dict(zip(names, fused.merge([base[n] for n in names], terms)))
 
 
 def owned_bytes(params: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fused
 from .backbone import Backbone
 from .bank import Bank
 from .cache import DeltaCache
@@ -52,6 +53,8 @@ class Engine:
         self._sync_lock = threading.Lock()  # the bank watcher and admin calls may sync at once
         self.generation = -1
         self.on_materialise = None  # optional callback(seconds), for metrics
+        if fused.supports(backbone.params):
+            fused.warm_up()  # compile the merge kernel now, not inside the first request
 
     # --- the switch set -------------------------------------------------------------------
     @property

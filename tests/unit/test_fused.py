@@ -1,0 +1,104 @@
+"""The fused CPU kernel gives bitwise the torch path's merge, on every shape and mix."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from switchbank import fused
+from switchbank.build import build_switch
+from switchbank.combine import merged_params
+
+SHAPES = {"a": (1,), "b": (7,), "c": (3, 3), "d": (fused.BLOCK + 3,), "e": (2, fused.BLOCK), "f": (5, 17, 3),
+          "s": ()}
+
+
+def tensors(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) for k, shape in SHAPES.items()}
+
+
+@pytest.fixture(scope="module")
+def base():
+    b = tensors(0)
+    b["c"][0, 0] = -0.0  # the torch path turns -0.0 + (+0.0) into +0.0; so must the kernel
+    b["d"][::5] = -0.0
+    return b
+
+
+@pytest.fixture(scope="module")
+def switches(base):
+    out = []
+    for i, alpha in enumerate((0.5, 0.7, 0.9)):
+        fin = {k: v + 1e-2 * t for (k, v), t in zip(base.items(), tensors(i + 1).values())}
+        out.append(build_switch(base, fin, f"s{i}", alpha))
+    # one switch covering only some tensors, laid out differently from the others
+    part = {k: base[k] for k in ("f", "b", "d")}
+    out.append(build_switch(part, {k: v * 1.5 for k, v in part.items()}, "part", 0.6))
+    return out
+
+
+def torch_path(base, weighted, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(fused, "AVAILABLE", False)
+        return merged_params(base, weighted)
+
+
+def test_numba_is_installed():
+    assert fused.AVAILABLE, "numba is a dependency: without it every merge takes the slow path"
+
+
+@pytest.mark.parametrize("picks", [[(0, 1.0)], [(0, 0.3), (1, 0.7)], [(2, 2.0), (0, 0.0), (3, 1.0)],
+                                   [(3, 1.0)], [(0, 0.2), (1, 0.2), (2, 0.2), (3, 0.4)]])
+def test_fused_equals_torch_bitwise(base, switches, picks, monkeypatch):
+    weighted = [(switches[i], w) for i, w in picks]
+    expected = torch_path(base, weighted, monkeypatch)
+    got = merged_params(base, weighted)
+    assert got.keys() == expected.keys()
+    for k in base:
+        assert got[k].shape == base[k].shape
+        # compare the bits, so that -0.0 against +0.0 counts as a difference
+        assert torch.equal(got[k].view(torch.int32), expected[k].view(torch.int32)), k
+        assert (got[k] is base[k]) == (expected[k] is base[k]), k
+
+
+def test_scale_zero_tensor_is_left_to_the_base(base, switches):
+    sw = switches[3]
+    saved = list(sw.entries)
+    try:
+        sw.entries = [e if e.name != "b" else type(e)(e.name, e.shape, e.kept, 0.0, e.offset) for e in saved]
+        merged = merged_params(base, [(sw, 1.0)])
+        assert merged["b"] is base["b"]
+        assert not torch.equal(merged["f"], base["f"])
+    finally:
+        sw.entries = saved
+
+
+def test_concurrent_merges_are_serialised_not_crashed(base, switches):
+    weighted = [(switches[0], 0.5), (switches[1], 0.5)]
+    expected = merged_params(base, weighted)
+    errors, results = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                results.append(merged_params(base, weighted))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 80
+    assert all(torch.equal(r["d"], expected["d"]) for r in results)
+
+
+def test_short_bits_are_refused():
+    bits = torch.zeros(1, dtype=torch.uint8)
+    zero = np.zeros(1, dtype=np.int64)
+    with pytest.raises(ValueError, match="too short"):
+        fused.merge([torch.zeros(9)], [fused.Term(bits, bits, zero, zero, np.ones(1, dtype=np.float32))])
