@@ -1,8 +1,8 @@
 """Materialising merged image-tower parameters from weighted switches.
 
-theta = theta0 + sum_t w_t * lambda_t * M_t * S_t, computed tensor by tensor: the extra memory at
-any moment is the merged copy being built plus one decoded tensor, never T dense task vectors.
-Tensors that no switch touches are not copied: the result shares them with the base.
+theta = theta0 + sum_t w_t * lambda_t * M_t * S_t, read straight from the packed bits: the extra
+memory is the merged copy plus at most a bounded scratch, never T dense task vectors. Tensors that
+no switch touches are not copied: the result shares them with the base.
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ def merged_params(base: dict[str, torch.Tensor], weighted: Weighted) -> dict[str
     give the same bits.
     """
     weighted = [(sw, float(w)) for sw, w in weighted if float(w) != 0.0]
-    if fused.supports(base) and all(sw.mask.device.type == "cpu" for sw, _ in weighted):
+    try:
         acc = _fused_sums(base, weighted)
-    else:
+    except fused.Unsupported:
         acc = _torch_sums(base, weighted)
     for sw, w in weighted:
         for name, d in sw.dense.items():

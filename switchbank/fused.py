@@ -110,10 +110,17 @@ if AVAILABLE:
         _merge = njit(**_OPTIONS)(_merge_py)
 
 
+class Unsupported(ValueError):
+    """The tensors are not what the kernel reads (contiguous fp32 on the CPU): use torch ops."""
+
+
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+
+
 def supports(base: dict[str, torch.Tensor]) -> bool:
     """Whether the kernel can merge over ``base``: CPU, fp32, contiguous tensors."""
-    return AVAILABLE and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in base.values())
+    return AVAILABLE and all(_plain(t, torch.float32) for t in base.values())
 
 
 @dataclass
@@ -150,14 +157,17 @@ def merge(base: list[torch.Tensor], terms: list[Term]) -> list[torch.Tensor]:
     Every tensor must be touched by at least one term; each result is a new tensor shaped as its
     base tensor.
     """
+    # the kernel reads raw addresses: anything but plain contiguous buffers would be misread
+    if not AVAILABLE or not all(_plain(t, torch.float32) for t in base):
+        raise Unsupported("the fused kernel needs contiguous fp32 CPU tensors")
+    if not all(_plain(term.mask, torch.uint8) and _plain(term.pos, torch.uint8) for term in terms):
+        raise Unsupported("the fused kernel needs contiguous uint8 CPU bit buffers")
     n_tensors, n_terms = len(base), len(terms)
     numel = np.fromiter((t.numel() for t in base), dtype=np.int64, count=n_tensors)
     coef = np.zeros((n_terms, n_tensors), dtype=np.float32)
     mask_addr = np.zeros((n_terms, n_tensors), dtype=np.int64)
     pos_addr = np.zeros((n_terms, n_tensors), dtype=np.int64)
     for t, term in enumerate(terms):
-        if term.mask.dtype != torch.uint8 or term.pos.dtype != torch.uint8:
-            raise ValueError("switch bits must be uint8")
         ends = term.offset + (numel[term.index] + 7) // 8
         if len(ends) and ends.max() > min(term.mask.numel(), term.pos.numel()):
             raise ValueError(f"switch bits too short: need {int(ends.max())} bytes")

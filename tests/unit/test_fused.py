@@ -102,3 +102,14 @@ def test_short_bits_are_refused():
     zero = np.zeros(1, dtype=np.int64)
     with pytest.raises(ValueError, match="too short"):
         fused.merge([torch.zeros(9)], [fused.Term(bits, bits, zero, zero, np.ones(1, dtype=np.float32))])
+
+
+def test_strided_base_takes_the_torch_path(base, switches, monkeypatch):
+    strided = dict(base)
+    strided["c"] = base["c"].t().contiguous().t()  # same values, column-major storage
+    assert not strided["c"].is_contiguous()
+    weighted = [(switches[0], 0.5), (switches[1], 0.5)]
+    expected = torch_path(base, weighted, monkeypatch)
+    got = merged_params(strided, weighted)
+    for k in base:
+        assert torch.equal(got[k].view(torch.int32), expected[k].view(torch.int32)), k
