@@ -53,6 +53,31 @@ def timeit(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def interleaved(cases: dict, repeats: int, inner: dict | int = 1, warmup: int = 1) -> dict[object, list[float]]:
+    """Seconds per call of each case, timed in rounds: every round runs every case once (``inner``
+    calls per sample, per case or for all), so the machine's slow moments fall on all cases alike
+    and ratios can be taken round by round."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[object, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for key, fn in cases.items():
+            n = inner if isinstance(inner, int) else inner[key]
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            times[key].append((time.perf_counter() - t0) / n)
+    return times
+
+
+def paired(samples: list[float], reference: list[float]) -> float:
+    """Median over rounds of sample / reference."""
+    return statistics.median(a / b for a, b in zip(samples, reference))
+
+
 def summary(samples: list[float]) -> dict:
     s = sorted(samples)
     q = statistics.quantiles(s, n=4) if len(s) >= 4 else [s[0], statistics.median(s), s[-1]]

@@ -12,11 +12,9 @@ clone, like a real miss that follows forward passes, does not find the tower in 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
-from bench.common import md_table, summary, sync, write
+from bench.common import interleaved, md_table, paired, summary, write
 from bench.workloads import WORKLOADS
 from switchbank import fused
 from switchbank.combine import merged_params
@@ -40,18 +38,8 @@ def bench_workload(w, sizes, repeats):
         for n in sizes:
             weighted = [(w.switches[names[i]], 1.0 / n) for i in range(n)]
             cases[(path, n)] = lambda fn=fn, weighted=weighted: fn(base, weighted)
-    times = {k: [] for k in cases}
-    for fn in cases.values():  # warm-up: kernel compiled, allocator primed
-        fn()
-    for _ in range(repeats):
-        for key, fn in cases.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[key].append(time.perf_counter() - t0)
+    times = interleaved(cases, repeats)  # one call per sample: repeating would warm the cache
     clone = times["clone"]
-    ratio = {k: [a / b for a, b in zip(v, clone)] for k, v in times.items()}
     rows = [["clone of the base tower", "", summary(clone)["median"] * 1000,
              (summary(clone)["p75"] - summary(clone)["p25"]) * 1000, 1.0, ""]]
     results = [{"what": "clone", "seconds": summary(clone)}]
@@ -60,13 +48,14 @@ def bench_workload(w, sizes, repeats):
             continue
         path, n = key
         s = summary(times[key])
-        r = statistics.median(ratio[key])
+        r = paired(times[key], clone)
         # the cost of each switch beyond the first, in clones
-        extra = None if n == sizes[0] else (r - statistics.median(ratio[(path, sizes[0])])) / (n - sizes[0])
+        extra = None if n == sizes[0] else (r - paired(times[(path, sizes[0])], clone)) / (n - sizes[0])
         rows.append([f"{n} switch{'es' if n > 1 else ''}", path, s["median"] * 1000, (s["p75"] - s["p25"]) * 1000,
                      r, "" if extra is None else extra])
         results.append({"what": f"{n} switches", "path": path, "switches": n, "seconds": s, "vs_clone": r,
-                        "vs_clone_per_round": ratio[key], "extra_per_switch_vs_clone": extra})
+                        "vs_clone_per_round": [a / b for a, b in zip(times[key], clone)],
+                        "extra_per_switch_vs_clone": extra})
     return rows, results
 
 

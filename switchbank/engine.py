@@ -147,7 +147,7 @@ class Engine:
         if auto:
             if len(self.router) == 0:
                 raise NotFound("no switch with query examples is loaded, so requests must name a task")
-            emb = self.backbone.forward(x[auto])
+            emb = self.backbone.forward(x if len(auto) == len(routes) else x[auto])
             for i, w in zip(auto, self.router.weights(emb.cpu())):
                 # The router may still hold a switch removed a moment ago: keep what is served.
                 w = {n: c for n, c in w.items() if n in switches}
