@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from switchbank import __version__
-from switchbank.backbone import load_backbone
+from switchbank.backbone import load_backbone, use_huge_pages
 from switchbank.bank import Bank
 from switchbank.engine import Engine
 from switchbank.errors import SwitchBankError
@@ -80,6 +80,7 @@ async def lifespan(app: FastAPI):
 
 def create_app(settings: Settings | None = None, *, configure_logging: bool = True) -> FastAPI:
     settings = settings or Settings()
+    use_huge_pages()  # before the lifespan loads the backbone
     if configure_logging:
         logs.setup()
     app = FastAPI(title="switchbank", version=__version__, lifespan=lifespan,

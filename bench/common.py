@@ -11,6 +11,10 @@ from pathlib import Path
 
 import torch
 
+from switchbank.backbone import use_huge_pages
+
+use_huge_pages()  # as the server does, so that in-process and served figures compare like for like
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
