@@ -72,7 +72,6 @@ def register_configs() -> None:
         _registered = True
 
 
-
 def use_huge_pages() -> None:
     """Ask torch to back large CPU tensors with transparent huge pages, unless the environment
     says otherwise (THP_MEM_ALLOC_ENABLE=0).
@@ -83,6 +82,7 @@ def use_huge_pages() -> None:
     without). torch reads the variable at its first large allocation, so call this before loading.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 
 @dataclass
 class Backbone:

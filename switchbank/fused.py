@@ -10,8 +10,9 @@ Results are bitwise those of the torch path: every term c * {-1, 0, +1} is exact
 terms are added in the same order, one rounding per switch.
 
 Tensors are passed by address so that each merged tensor is its own allocation, as a clone's would
-be; the caller keeps every tensor alive and checks sizes, dtypes and contiguity first. numba
-compiles the kernel on first use (cached on disk where a cache directory is writable).
+be; merge() checks devices, dtypes, contiguity and bit lengths before any address is taken, and
+holds every tensor while the kernel runs. numba compiles the kernel on first use (cached on disk
+where a cache directory is writable).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ AVAILABLE = numba is not None
 
 BLOCK = 1 << 15  # elements per work item: one fp32 block stays in L2 while all switches are added
 
-# numba's default thread pool aborts on concurrent launches from two Python threads
+# numba's fallback thread pool (workqueue) aborts on concurrent launches from two Python threads
 _LOCK = threading.Lock()
 
 
@@ -154,8 +155,7 @@ def _items(numel: np.ndarray) -> np.ndarray:
 def merge(base: list[torch.Tensor], terms: list[Term]) -> list[torch.Tensor]:
     """Merged copies of ``base`` (contiguous fp32 CPU tensors), each term added in order.
 
-    Every tensor must be touched by at least one term; each result is a new tensor shaped as its
-    base tensor.
+    Each result is a new tensor shaped as its base tensor (a plain copy where no term touches it).
     """
     # the kernel reads raw addresses: anything but plain contiguous buffers would be misread
     if not AVAILABLE or not all(_plain(t, torch.float32) for t in base):
@@ -169,18 +169,20 @@ def merge(base: list[torch.Tensor], terms: list[Term]) -> list[torch.Tensor]:
     pos_addr = np.zeros((n_terms, n_tensors), dtype=np.int64)
     for t, term in enumerate(terms):
         ends = term.offset + (numel[term.index] + 7) // 8
-        if len(ends) and ends.max() > min(term.mask.numel(), term.pos.numel()):
-            raise ValueError(f"switch bits too short: need {int(ends.max())} bytes")
+        if len(ends) and (term.offset.min() < 0 or ends.max() > min(term.mask.numel(), term.pos.numel())):
+            raise ValueError(f"switch bits out of range: need bytes {int(term.offset.min())}..{int(ends.max())}")
         coef[t, term.index] = term.coef
         mask_addr[t, term.index] = term.mask.data_ptr() + term.offset
         pos_addr[t, term.index] = term.pos.data_ptr() + term.offset
     out = [torch.empty_like(t) for t in base]
     base_addr = np.fromiter((t.data_ptr() for t in base), dtype=np.int64, count=n_tensors)
     out_addr = np.fromiter((t.data_ptr() for t in out), dtype=np.int64, count=n_tensors)
+    items = _items(numel)
+    if not len(items):  # nothing but empty tensors
+        return out
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     with _LOCK:
         numba.set_num_threads(threads)
-        items = _items(numel)
         _merge(base_addr, out_addr, mask_addr, pos_addr, coef, items, _bounds(items, threads))
     return out
 

@@ -97,11 +97,13 @@ def test_concurrent_merges_are_serialised_not_crashed(base, switches):
     assert all(torch.equal(r["d"], expected["d"]) for r in results)
 
 
-def test_short_bits_are_refused():
+def test_bits_out_of_range_are_refused():
     bits = torch.zeros(1, dtype=torch.uint8)
     zero = np.zeros(1, dtype=np.int64)
-    with pytest.raises(ValueError, match="too short"):
+    with pytest.raises(ValueError, match="out of range"):
         fused.merge([torch.zeros(9)], [fused.Term(bits, bits, zero, zero, np.ones(1, dtype=np.float32))])
+    with pytest.raises(ValueError, match="out of range"):
+        fused.merge([torch.zeros(8)], [fused.Term(bits, bits, zero, zero - 1, np.ones(1, dtype=np.float32))])
 
 
 def test_strided_base_takes_the_torch_path(base, switches, monkeypatch):
