@@ -20,29 +20,21 @@ from switchbank import fused
 from switchbank.combine import merged_params
 
 
-def torch_ops(base, weighted):
-    saved, fused.AVAILABLE = fused.AVAILABLE, False
-    try:
-        return merged_params(base, weighted)
-    finally:
-        fused.AVAILABLE = saved
-
-
 def bench_workload(w, sizes, repeats):
     base = w.backbone.params
     names = list(w.switches)
     cases = {"clone": lambda: {k: v.clone() for k, v in base.items()}}
-    for path, fn in (("fused", merged_params), ("torch ops", torch_ops)):
-        if path == "fused" and not fused.supports(base):
+    for path, kernel in (("fused", True), ("torch ops", False)):
+        if kernel and not fused.supports(base):
             continue
         for n in sizes:
             weighted = [(w.switches[names[i]], 1.0 / n) for i in range(n)]
-            cases[(path, n)] = lambda fn=fn, weighted=weighted: fn(base, weighted)
+            cases[(path, n)] = lambda kernel=kernel, weighted=weighted: merged_params(base, weighted, kernel=kernel)
     times = interleaved(cases, repeats)  # one call per sample: repeating would warm the cache
     clone = times["clone"]
-    rows = [["clone of the base tower", "", summary(clone)["median"] * 1000,
-             (summary(clone)["p75"] - summary(clone)["p25"]) * 1000, 1.0, ""]]
-    results = [{"what": "clone", "seconds": summary(clone)}]
+    c = summary(clone)
+    rows = [["clone of the base tower", "", c["median"] * 1000, (c["p75"] - c["p25"]) * 1000, 1.0, ""]]
+    results = [{"what": "clone", "seconds": c}]
     for key in cases:
         if key == "clone":
             continue

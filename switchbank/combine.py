@@ -47,6 +47,11 @@ def check_against(sw: Switch, base: dict[str, torch.Tensor]) -> None:
 CHUNK = 1 << 24  # elements decoded at once: bounds the int8 scratch to 16 MiB
 
 
+def _contributes(e) -> bool:
+    """Whether a tensor entry adds anything (a zero scale or no kept entry adds nothing)."""
+    return e.scale != 0.0 and e.kept != 0
+
+
 def _decoded(sw: Switch):
     """Yield (entry, int8 ternary view) for every tensor of ``sw``, decoding runs of consecutive
     tensors in one pass: per-tensor dispatch, not arithmetic, dominates small towers."""
@@ -62,7 +67,7 @@ def _decoded(sw: Switch):
             yield e, tern[start:start + e.numel]
 
     for e in sw.entries:
-        if e.scale == 0.0 or e.kept == 0:
+        if not _contributes(e):
             continue
         bits = e.nbytes * 8  # what the tensor's byte-aligned segment decodes to
         if run and size + bits > CHUNK:
@@ -74,19 +79,23 @@ def _decoded(sw: Switch):
         yield from flush()
 
 
-def merged_params(base: dict[str, torch.Tensor], weighted: Weighted) -> dict[str, torch.Tensor]:
+def merged_params(base: dict[str, torch.Tensor], weighted: Weighted, *, kernel: bool = True) -> dict[str, torch.Tensor]:
     """Merged parameters for ``weighted`` = [(switch, weight), ...] over ``base`` (never modified).
 
     Terms are added switch by switch in fp32, one rounding each, and cast once to each base
     tensor's dtype, so fp16/bf16 backbones keep small deltas. fp32 CPU towers take the fused
     single-pass kernel (fused.py); anything else runs as torch ops, switch by switch, each decoded
     in a few large passes, with at most CHUNK bytes of decoded bits beside the merged copy. Both
-    give the same bits.
+    give the same bits; ``kernel=False`` forces torch ops (for comparisons).
     """
     weighted = [(sw, float(w)) for sw, w in weighted if float(w) != 0.0]
-    try:
-        acc = _fused_sums(base, weighted)
-    except fused.Unsupported:
+    acc = None
+    if kernel:
+        try:
+            acc = _fused_sums(base, weighted)
+        except fused.Unsupported:
+            pass
+    if acc is None:
         acc = _torch_sums(base, weighted)
     for sw, w in weighted:
         for name, d in sw.dense.items():
@@ -128,7 +137,7 @@ def _fused_sums(base: dict[str, torch.Tensor], weighted: list[tuple[Switch, floa
     for sw, w in weighted:
         idx, offset, coef = [], [], []
         for e in sw.entries:
-            if e.scale == 0.0 or e.kept == 0 or e.name not in base:
+            if not _contributes(e) or e.name not in base:
                 continue
             i = index.get(e.name)
             if i is None:

@@ -39,10 +39,8 @@ def switches(base):
     return out
 
 
-def torch_path(base, weighted, monkeypatch):
-    with monkeypatch.context() as m:
-        m.setattr(fused, "AVAILABLE", False)
-        return merged_params(base, weighted)
+def torch_path(base, weighted):
+    return merged_params(base, weighted, kernel=False)
 
 
 def test_numba_is_installed():
@@ -51,9 +49,9 @@ def test_numba_is_installed():
 
 @pytest.mark.parametrize("picks", [[(0, 1.0)], [(0, 0.3), (1, 0.7)], [(2, 2.0), (0, 0.0), (3, 1.0)],
                                    [(3, 1.0)], [(0, 0.2), (1, 0.2), (2, 0.2), (3, 0.4)]])
-def test_fused_equals_torch_bitwise(base, switches, picks, monkeypatch):
+def test_fused_equals_torch_bitwise(base, switches, picks):
     weighted = [(switches[i], w) for i, w in picks]
-    expected = torch_path(base, weighted, monkeypatch)
+    expected = torch_path(base, weighted)
     got = merged_params(base, weighted)
     assert got.keys() == expected.keys()
     for k in base:
@@ -106,12 +104,12 @@ def test_bits_out_of_range_are_refused():
         fused.merge([torch.zeros(8)], [fused.Term(bits, bits, zero, zero - 1, np.ones(1, dtype=np.float32))])
 
 
-def test_strided_base_takes_the_torch_path(base, switches, monkeypatch):
+def test_strided_base_takes_the_torch_path(base, switches):
     strided = dict(base)
     strided["c"] = base["c"].t().contiguous().t()  # same values, column-major storage
     assert not strided["c"].is_contiguous()
     weighted = [(switches[0], 0.5), (switches[1], 0.5)]
-    expected = torch_path(base, weighted, monkeypatch)
+    expected = torch_path(base, weighted)
     got = merged_params(strided, weighted)
     for k in base:
         assert torch.equal(got[k].view(torch.int32), expected[k].view(torch.int32)), k
