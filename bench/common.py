@@ -118,13 +118,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bank: Path, port: int, **env):
-    """``switchbank serve`` in a subprocess; ``env`` sets SWITCHBANK_* settings (admin_token=...)."""
+def start_server(bank: Path, port: int, *, entry: tuple[str, ...] = ("switchbank.cli", "serve"), **env):
+    """``switchbank serve`` (or ``python -m *entry``) in a subprocess; ``env`` sets SWITCHBANK_*
+    settings (admin_token=...)."""
     import subprocess
     import sys
     environ = {**os.environ, "PYTHONPATH": str(ROOT),
                **{f"SWITCHBANK_{k.upper()}": str(v) for k, v in env.items()}}
-    return subprocess.Popen([sys.executable, "-m", "switchbank.cli", "serve", "--bank", str(bank), "--port", str(port)],
+    return subprocess.Popen([sys.executable, "-m", *entry, "--bank", str(bank), "--port", str(port)],
                             env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -1,18 +1,20 @@
 """End to end over HTTP on loopback: a bounded load generator with mixed-task traffic.
 
-    python -m bench.http [--clients 1,8,32] [--requests 400] [--seconds 60] [--rounds 3]
+    python -m bench.http [--clients 1,8,32] [--requests 400] [--seconds 60] [--rounds 7]
 
 Starts the real server on the demo bank (workload B) in a subprocess, then for each concurrency
 sends a bounded number of requests (bounded in time too): a mix of named-task and Auto-Switch
 requests over every task's test images. Reports requests/s, p50/p95/p99 latency and the cache hit
 rate, against the in-process engine on the same traffic (decode + preprocess + engine.run in
-batches of the server's batch size, no HTTP).
+batches of the server's batch size, no HTTP), run inside the server process on its own engine
+(see bench/served.py) just before and just after each HTTP run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import statistics
 import sys
 import time
@@ -24,10 +26,19 @@ from bench.common import ROOT, demo_traffic, free_port, md_table, start_server, 
 TOKEN = "bench-token"
 
 
+PER_TASK = 40  # test images per demo task in the traffic
+
+
 def start(port: int):
-    proc = start_server(ROOT / "demo" / "bank", port, admin_token=TOKEN)
+    proc = start_server(ROOT / "demo" / "bank", port, entry=("bench.served",), admin_token=TOKEN)
     wait_ready(port, proc)
     return proc
+
+
+def in_process(url: str, requests: int) -> float:
+    """Requests/s of the in-process reference on the benchmark's traffic, measured in the server."""
+    spec = {"requests": requests, "per_task": PER_TASK, "seed": 0}
+    return httpx.post(f"{url}/bench/in-process", json=spec, timeout=600).raise_for_status().json()["rps"]
 
 
 def encode_predict(host: str, png: bytes, fields: dict) -> bytes:
@@ -102,40 +113,14 @@ def cache_stats(url: str) -> dict:
     return httpx.get(f"{url}/v1/admin/cache", headers={"Authorization": f"Bearer {TOKEN}"}).json()
 
 
-def in_process_runner(batch: int):
-    """A function giving the requests/s of decode + preprocess + engine.run over some traffic, in
-    batches of the server's size, no HTTP."""
-    from app.imaging import decode
-    from switchbank.backbone import DEMO_ARCH, load_backbone
-    from switchbank.bank import Bank
-    from switchbank.engine import Engine, Route
-    import torch
-    backbone = load_backbone(DEMO_ARCH)
-    eng = Engine(backbone)
-    eng.sync(Bank(ROOT / "demo" / "bank"))
-
-    def run(chunk):
-        x = torch.stack([backbone.preprocess(decode(png, 40_000_000)) for png, _ in chunk])
-        eng.run(x, [Route(task=f.get("task")) for _, f in chunk])
-
-    def rate(reqs) -> float:
-        run(reqs[:batch])  # warm the cache like the server's first requests do
-        t0 = time.perf_counter()
-        for i in range(0, len(reqs), batch):
-            run(reqs[i:i + batch])
-        return len(reqs) / (time.perf_counter() - t0)
-    return rate
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--rounds", type=int, default=3, help="paired rounds at the highest concurrency")
+    ap.add_argument("--rounds", type=int, default=7, help="HTTP runs at the highest concurrency")
     args = ap.parse_args(argv)
-    reqs = demo_traffic(args.requests, per_task=40)
-    in_process = in_process_runner(batch=16)
+    reqs = demo_traffic(args.requests, per_task=PER_TASK)
     clients = [int(x) for x in args.clients.split(",")]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -143,37 +128,43 @@ def main(argv=None) -> int:
     rows, results = [], []
     try:
         asyncio.run(load_test(url, reqs[:32], 4, 30))  # warm-up
+        before_rps = in_process(url, args.requests)
         for c in clients:
-            # each HTTP run is paired with an in-process run just before it: the ratio is taken
-            # within the pair, and at saturation the median over several pairs is reported
-            pairs = []
+            # the in-process reference runs just before and just after each HTTP run, and the
+            # ratio is taken against their geometric mean, so the machine's drift cancels; at
+            # saturation the median over several runs is reported
+            runs = []
             for _ in range(args.rounds if c == max(clients) else 1):
-                engine_rps = in_process(reqs)
                 before = cache_stats(url)
                 r = asyncio.run(load_test(url, reqs, c, args.seconds))
                 after = cache_stats(url)
+                after_rps = in_process(url, args.requests)
                 lookups = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
                 r["cache_hit_rate"] = (after["hits"] - before["hits"]) / lookups if lookups else None
-                r["in_process_rps"] = engine_rps
-                r["vs_in_process"] = r["rps"] / engine_rps
-                pairs.append(r)
-            pairs.sort(key=lambda p: p["vs_in_process"])
-            r = dict(pairs[len(pairs) // 2], clients=c, rounds=pairs)  # the median pair
-            results.append(r)
+                r["in_process_rps"] = math.sqrt(before_rps * after_rps)
+                r["vs_in_process"] = r["rps"] / r["in_process_rps"]
+                runs.append(r)
+                before_rps = after_rps
+            ratios = sorted(p["vs_in_process"] for p in runs)
+            r = dict(sorted(runs, key=lambda p: p["vs_in_process"])[len(runs) // 2], clients=c, rounds=runs)
+            results.append(r)  # the median run
             rows.append([c, r["requests"], r["rps"], r["p50_ms"], r["p95_ms"], r["p99_ms"], r["errors"],
-                         r["cache_hit_rate"], r["in_process_rps"], r["vs_in_process"], len(pairs)])
+                         r["cache_hit_rate"], r["in_process_rps"], r["vs_in_process"],
+                         f"{ratios[0]:.3f}-{ratios[-1]:.3f}", len(runs)])
             print(rows[-1], flush=True)
     finally:
         proc.terminate()
         proc.wait(30)
     table = md_table(["clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "cache hit rate",
-                      "in-process req/s", "x in-process", "pairs"], rows)
+                      "in-process req/s", "x in-process", "range", "runs"], rows)
     print(table)
     write("perf-http", {"results": results},
           f"# HTTP end to end (demo bank, mixed-task traffic, loopback)\n\n{table}\n\n"
-          "Each HTTP run is paired with an in-process run of the same traffic (decode, preprocess and "
-          "engine, no HTTP) just before it; at the highest concurrency the median of several pairs is "
-          "shown. The load generator shares the machine's cores with the server.\n"
+          "Each HTTP run is compared with the in-process engine on the same traffic (decode, preprocess "
+          "and engine.run in batches of the server's size, no HTTP), run inside the server process on "
+          "its own engine just before and just after it (geometric mean). At the highest concurrency "
+          "the median of several runs is shown, with the range of their ratios. The load generator "
+          "shares the machine's cores with the server.\n"
           "Target at saturation: at least 0.85x. Rerun: `python -m bench.http`.")
     return 0
 

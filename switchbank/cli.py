@@ -122,7 +122,6 @@ def cmd_bank(args) -> int:
 
 def cmd_serve(args) -> int:
     import os
-    import uvicorn
     for key in ("bank", "arch", "weights", "device", "dtype"):
         val = getattr(args, key)
         if val is not None:
@@ -130,7 +129,13 @@ def cmd_serve(args) -> int:
     from app.main import create_app
     from app.settings import Settings
     settings = Settings()
-    app = create_app(settings)
+    server(create_app(settings), settings, args.host, args.port).run()
+    return 0
+
+
+def server(app, settings, host: str, port: int):
+    """The uvicorn server ``switchbank serve`` runs: draining on SIGTERM, readiness false meanwhile."""
+    import uvicorn
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -139,10 +144,9 @@ def cmd_serve(args) -> int:
             app.state.not_ready_reason = "draining"
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
+    config = uvicorn.Config(app, host=host, port=port, log_config=None,
                             timeout_graceful_shutdown=settings.drain_seconds, timeout_keep_alive=5)
-    Server(config).run()
-    return 0
+    return Server(config)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,70 @@
+"""``switchbank serve`` plus one route for the HTTP benchmark: POST /bench/in-process runs the
+in-process reference (decode, preprocess and engine.run in batches of the server's size, no HTTP)
+inside the server's own process, on its engine, on the thread that runs its batches.
+
+    python -m bench.served --port PORT [--bank DIR]     (other settings from SWITCHBANK_* as usual)
+
+Why inside the server: two processes running the same forward on the same machine differ by up
+to about 10% in speed (from where their memory happens to land), which would swamp what HTTP
+costs. Measured in one process, on one engine, the ratio shows what serving adds and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+import torch
+from fastapi import Request
+
+from app.imaging import decode
+from app.main import create_app
+from app.settings import Settings
+from bench.common import demo_traffic
+from switchbank.cli import server
+from switchbank.engine import Route
+
+
+def in_process_rate(engine, reqs: list[tuple[bytes, dict]], batch: int, max_pixels: int) -> float:
+    """Requests/s of decode + preprocess + engine.run over ``reqs`` in batches of ``batch``."""
+    def run(chunk):
+        x = torch.stack([engine.backbone.preprocess(decode(png, max_pixels)) for png, _ in chunk])
+        engine.run(x, [Route(task=f.get("task")) for _, f in chunk])
+
+    run(reqs[:batch])  # as warm as the server after its warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(reqs), batch):
+        run(reqs[i:i + batch])
+    return len(reqs) / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--bank")
+    args = ap.parse_args(argv)
+    settings = Settings(**({"bank": args.bank} if args.bank else {}))
+    app = create_app(settings)
+    traffic: dict[tuple, list] = {}
+
+    @app.post("/bench/in-process")
+    async def in_process(request: Request) -> dict:
+        """Body {"requests": n, "per_task": k, "seed": s}: the same traffic the benchmark sends."""
+        spec = await request.json()
+        key = (int(spec["requests"]), int(spec["per_task"]), int(spec.get("seed", 0)))
+        if key not in traffic:
+            traffic[key] = demo_traffic(*key)
+        state = request.app.state
+        rate = await asyncio.get_running_loop().run_in_executor(
+            state.batcher.executor, in_process_rate, state.engine, traffic[key], settings.batch_size,
+            settings.max_image_pixels)
+        return {"rps": rate}
+
+    server(app, settings, "127.0.0.1", args.port).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
