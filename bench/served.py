@@ -5,8 +5,7 @@ inside the server's own process, on its engine, on the thread that runs its batc
     python -m bench.served --port PORT [--bank DIR]     (other settings from SWITCHBANK_* as usual)
 
 Why inside the server: two processes running the same forward on the same machine differ by up
-to about 10% in speed (from where their memory happens to land), which would swamp what HTTP
-costs. Measured in one process, on one engine, the ratio shows what serving adds and nothing else.
+to about 10% in speed, from one start to the next, which would swamp what HTTP costs. Measured in one process, on one engine, the ratio shows what serving adds and nothing else.
 """
 
 from __future__ import annotations

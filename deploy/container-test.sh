@@ -6,7 +6,7 @@
 # Without registry access the base image is made with debootstrap and passed as BASE; without
 # access to PyTorch's CPU index, TORCH_INDEX_URL='' (the default here) takes PyPI's torch, the CUDA
 # build. Measured here: 3 min 51 s for the first run (base image, build, run, checks), 35 s with
-# the build layers cached; the image is 6.31 GB, nearly all of it torch's CUDA libraries.
+# the build layers cached; the image is 6.54 GB, nearly all of it torch's CUDA libraries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VARIANT=${VARIANT:-cpu}
