@@ -3,7 +3,8 @@
     python -m bench.forward [--workloads A,B] [--batches 1,8,32] [--repeats 7]
 
 For each batch size: the plain open_clip image-tower forward with no switchbank code (the
-reference); T-Switch with a warm cache; Auto-Switch with a warm cache (router pass + merged pass);
+reference); the same with its input in channels_last layout, as the engine feeds it on CPU (a
+second reference, which shows what switchbank itself adds); T-Switch with a warm cache; Auto-Switch with a warm cache (router pass + merged pass);
 and the released code's approach, which rebuilds every parameter (theta0 + sum_t w_t tau_hat_t,
 dense) for each batch before the forward.
 
@@ -64,13 +65,19 @@ def bench_workload(w, batches, repeats):
         if x.shape[0] < bs:
             x = x.repeat((bs + x.shape[0] - 1) // x.shape[0], 1, 1, 1)[:bs]
         xd = x.to(dev, dt)
+        xcl = xd.contiguous(memory_format=torch.channels_last)
 
         def plain():
             with torch.inference_mode():
                 model(xd)
 
+        def plain_cl():
+            with torch.inference_mode():
+                model(xcl)
+
         paths = {
             "plain forward": plain,
+            "plain forward, channels_last": plain_cl,
             "T-Switch (warm)": lambda: eng.run(x, [Route(task=first)] * bs),
             "Auto-Switch (warm)": lambda: eng.run(x, [Route()] * bs),
             "released: rebuild per batch": lambda: released(x),
@@ -79,13 +86,16 @@ def bench_workload(w, batches, repeats):
         t = statistics.median(timeit(plain, 3, warmup=2))
         inner = max(1, round(MIN_SAMPLE_S / max(t, 1e-6)))
         times = interleaved(paths, repeats, inner, warmup=2)
-        ref = times["plain forward"]
+        ref, ref_cl = times["plain forward"], times["plain forward, channels_last"]
         for name, samples in times.items():
             t = summary(samples)
             ratio = paired(ref, samples)  # throughput ratio = plain time / path time, per round
-            rows.append([bs, name, bs / t["median"], t["median"] * 1000, (t["p75"] - t["p25"]) * 1000, ratio])
+            ratio_cl = paired(ref_cl, samples)
+            rows.append([bs, name, bs / t["median"], t["median"] * 1000, (t["p75"] - t["p25"]) * 1000, ratio,
+                         ratio_cl])
             results.append({"batch": bs, "path": name, "images_per_s": bs / t["median"], "seconds_per_call": t,
-                            "calls_per_sample": inner, "throughput_vs_plain": ratio})
+                            "calls_per_sample": inner, "throughput_vs_plain": ratio,
+                            "throughput_vs_plain_channels_last": ratio_cl})
     return rows, results
 
 
@@ -101,7 +111,8 @@ def main(argv=None) -> int:
         w = WORKLOADS[key]()
         rows, results = bench_workload(w, batches, args.repeats)
         payload[key] = {"workload": w.name, "results": results}
-        table = md_table(["batch", "path", "images/s", "median ms", "IQR ms", "throughput vs plain"], rows)
+        table = md_table(["batch", "path", "images/s", "median ms", "IQR ms", "throughput vs plain",
+                          "vs plain, channels_last"], rows)
         md.append(f"## Workload {w.name}\n\n{table}\n")
         print(f"\nWorkload {w.name}\n{table}", flush=True)
     write("perf-forward", payload, "# Forward paths\n\n" + "\n".join(md) + "\nRerun: `python -m bench.forward`.")

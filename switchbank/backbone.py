@@ -95,6 +95,10 @@ class Backbone:
     embed_dim: int
     device: torch.device
     dtype: torch.dtype
+    # Feed images to the tower in NHWC layout. On CPU, oneDNN's convolutions run markedly faster
+    # on it (demo tower at 128 px: 1.08x at batch 1, 1.25x at batch 8; a ViT's single patch
+    # convolution gives the same bits and time either way). The weights keep their layout.
+    channels_last: bool = False
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | torch.nn.Module | None = None) -> torch.Tensor:
@@ -103,6 +107,8 @@ class Backbone:
         ``params`` is None (the base weights), a module from :meth:`replica`, or a parameter dict.
         """
         x = x.to(self.device, self.dtype, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if params is None:
             out = self.model(x)
         elif isinstance(params, torch.nn.Module):
@@ -178,6 +184,7 @@ def load_backbone(arch: str, weights: str | Path | None = None, device: str = "a
         arch=arch, model=visual, preprocess=preprocess,
         params=dict(visual.named_parameters()), buffers=dict(visual.named_buffers()),
         fingerprint=fp, embed_dim=embed_dim, device=dev, dtype=dt,
+        channels_last=dev.type == "cpu",  # not measured on a GPU, so left off there
     )
 
 

@@ -38,6 +38,21 @@ def test_demo_backbone_recognises_real_photos(demo, photo, size, expected):
     assert top3 & expected
 
 
+def test_cpu_towers_take_channels_last_input_with_the_same_embeddings(demo):
+    seen = []
+    hook = demo.model.register_forward_pre_hook(lambda m, args: seen.append(
+        args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(3, 3, 128, 128)
+    try:
+        feats = demo.forward(x)
+    finally:
+        hook.remove()
+    assert seen == [True]
+    with torch.inference_mode():
+        nchw = demo.model(x)  # open_clip's own layout
+    torch.testing.assert_close(feats, nchw, rtol=1e-4, atol=1e-5)
+
+
 def test_user_checkpoint_loads_through_the_same_path(tmp_path, model_state):
     tuned = {f"visual.{k}": v for k, v in finetune(visual(model_state), seed=4).items()}
     path = save({**model_state, **tuned}, tmp_path / "user.safetensors")
