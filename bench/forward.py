@@ -4,9 +4,9 @@
 
 For each batch size: the plain open_clip image-tower forward with no switchbank code (the
 reference); the same with its input in channels_last layout, as the engine feeds it on CPU (a
-second reference, which shows what switchbank itself adds); T-Switch with a warm cache; Auto-Switch with a warm cache (router pass + merged pass);
-and the released code's approach, which rebuilds every parameter (theta0 + sum_t w_t tau_hat_t,
-dense) for each batch before the forward.
+second reference, which shows what switchbank itself adds); T-Switch with a warm cache;
+Auto-Switch with a warm cache (router pass + merged pass); and the released code's approach, which
+rebuilds every parameter (theta0 + sum_t w_t tau_hat_t, dense) for each batch before the forward.
 
 The paths are timed in rounds, each round running every path once (a sample is as many calls as
 last about MIN_SAMPLE_S), and each ratio is the median over rounds of the ratio within a round.
