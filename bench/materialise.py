@@ -25,7 +25,7 @@ def bench_workload(w, sizes, repeats):
     names = list(w.switches)
     cases = {"clone": lambda: {k: v.clone() for k, v in base.items()}}
     for path, kernel in (("fused", True), ("torch ops", False)):
-        if kernel and not fused.supports(base):
+        if kernel and not fused.supports(base.values()):
             continue
         for n in sizes:
             weighted = [(w.switches[names[i]], 1.0 / n) for i in range(n)]

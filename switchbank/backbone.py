@@ -78,8 +78,9 @@ def use_huge_pages() -> None:
 
     Where the kernel's THP mode is "madvise" (a common default), torch only asks when this is set.
     With it, conv-heavy forwards run markedly faster and steadier from one process to the next
-    (measured on the demo tower: about 40 ms per batch of 16 in every process, against 47-66 ms
-    without). torch reads the variable at its first large allocation, so call this before loading.
+    (measured on the demo tower: about 40 ms per batch of 16 in each process tried, against
+    47-66 ms without; a spread of up to about 10% between processes remains). torch reads the
+    variable at its first large allocation, so call this before loading.
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

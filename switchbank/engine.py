@@ -53,7 +53,7 @@ class Engine:
         self._sync_lock = threading.Lock()  # the bank watcher and admin calls may sync at once
         self.generation = -1
         self.on_materialise = None  # optional callback(seconds), for metrics
-        if fused.supports(backbone.params):
+        if fused.supports(backbone.params.values()):
             fused.warm_up()  # compile the merge kernel now, not inside the first request
 
     # --- the switch set -------------------------------------------------------------------

@@ -119,9 +119,9 @@ def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
 
 
-def supports(base: dict[str, torch.Tensor]) -> bool:
-    """Whether the kernel can merge over ``base``: CPU, fp32, contiguous tensors."""
-    return AVAILABLE and all(_plain(t, torch.float32) for t in base.values())
+def supports(base) -> bool:
+    """Whether the kernel can merge over ``base`` (tensors): CPU, fp32, contiguous."""
+    return AVAILABLE and all(_plain(t, torch.float32) for t in base)
 
 
 @dataclass
@@ -158,7 +158,7 @@ def merge(base: list[torch.Tensor], terms: list[Term]) -> list[torch.Tensor]:
     Each result is a new tensor shaped as its base tensor (a plain copy where no term touches it).
     """
     # the kernel reads raw addresses: anything but plain contiguous buffers would be misread
-    if not AVAILABLE or not all(_plain(t, torch.float32) for t in base):
+    if not supports(base):
         raise Unsupported("the fused kernel needs contiguous fp32 CPU tensors")
     if not all(_plain(term.mask, torch.uint8) and _plain(term.pos, torch.uint8) for term in terms):
         raise Unsupported("the fused kernel needs contiguous uint8 CPU bit buffers")
