@@ -101,15 +101,29 @@ class Backbone:
     # convolution gives the same bits and time either way). The weights keep their layout.
     channels_last: bool = False
 
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def probe(self, n: int = 1) -> torch.Tensor:
+        """A fixed input batch of the tower's size (for self-checks), ready for the tower."""
+        g = torch.Generator().manual_seed(0)
+        return self._input(torch.randn(n, 3, *_image_size(self.model), generator=g))
+
+    @torch.inference_mode()
+    def forward_mixed(self, x: torch.Tensor, tower, groups) -> torch.Tensor:
+        """Image embeddings [B, D] (fp32) from a mixed tower (mixed.py), rows laid out as ``groups``."""
+        return tower(self._input(x), groups).float()
+
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, params: dict[str, torch.Tensor] | torch.nn.Module | None = None) -> torch.Tensor:
         """Image embeddings [B, D] (fp32) of a preprocessed batch.
 
         ``params`` is None (the base weights), a module from :meth:`replica`, or a parameter dict.
         """
-        x = x.to(self.device, self.dtype, non_blocking=True)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = self._input(x)
         if params is None:
             out = self.model(x)
         elif isinstance(params, torch.nn.Module):

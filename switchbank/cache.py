@@ -64,9 +64,13 @@ class DeltaCache:
             return s
 
     @contextmanager
-    def lease(self, key: Hashable, make: Callable[[], tuple[Any, int]]) -> Iterator[Any]:
-        """Yield the value for ``key``, building it with ``make`` on a miss; pinned meanwhile."""
+    def lease(self, key: Hashable, make: Callable[[], tuple[Any, int]] | None) -> Iterator[Any]:
+        """Yield the value for ``key``, building it with ``make`` on a miss; pinned meanwhile.
+        With ``make=None`` a miss yields None and builds nothing (nor counts as a miss)."""
         entry = self._acquire(key, make)
+        if entry is None:
+            yield None
+            return
         try:
             yield entry.value
         finally:
@@ -74,7 +78,7 @@ class DeltaCache:
                 entry.pins -= 1
                 self._evict_to(self.capacity)
 
-    def _acquire(self, key: Hashable, make: Callable[[], tuple[Any, int]]) -> _Entry:
+    def _acquire(self, key: Hashable, make: Callable[[], tuple[Any, int]] | None) -> _Entry | None:
         while True:
             with self._lock:
                 entry = self._entries.get(key)
@@ -84,6 +88,8 @@ class DeltaCache:
                     self._stats.hits += 1
                     return entry
                 waiting = self._building.get(key)
+                if waiting is None and make is None:
+                    return None
                 if waiting is None:
                     self._building[key] = threading.Event()
                     self._stats.misses += 1

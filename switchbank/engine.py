@@ -1,8 +1,16 @@
-"""The inference engine: route -> group by combination -> cached merged weights -> forward -> head.
+"""The inference engine: route -> group by combination -> one forward -> heads.
 
 Each request in a batch is routed on its own (a named task, explicit weights, or Auto-Switch);
-requests with equal combinations form one group, and each group runs once with its merged weights.
-Weights are never averaged across requests.
+requests with equal combinations form one group. Weights are never averaged across requests.
+
+How a batch runs:
+- one group whose combination has a cached merged tower: that tower's forward, as a plain model;
+- otherwise one mixed forward (mixed.py) for the whole batch: each parameterised operation runs per
+  group, on the cached tower's tensors for hot combinations and on tensors merged just in time
+  (jit.py) for the rest. Which combinations get a cached tower is decided by a HotSet (hot.py), so a
+  mix that is not hot never takes a tower-sized cache entry;
+- towers the mixed forward cannot run fall back to one forward per group, each on a cached tower
+  (logged once at start-up and counted in ``stats``).
 """
 
 from __future__ import annotations
@@ -10,16 +18,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
 
-from . import fused
+from . import fused, mixed
 from .backbone import Backbone
 from .bank import Bank
 from .cache import DeltaCache
 from .combine import check_against, merged_params, owned_bytes
 from .errors import Incompatible, InvalidInput, NotFound
+from .hot import HotSet
+from .jit import DEFAULT_BUDGET, JitMerge
 from .routing import Router
 from .types import Combination, Switch
 
@@ -35,19 +46,59 @@ class Route:
 
 
 @dataclass
+class Merged:
+    """A cached combination: the tower running its weights, and those weights by name."""
+
+    module: torch.nn.Module
+    params: dict[str, torch.Tensor]
+
+
+@dataclass
+class EngineStats:
+    batches_cached: int = 0  # one group, run on its cached tower
+    batches_mixed: int = 0  # one mixed forward
+    batches_grouped: int = 0  # one forward per group (towers the mixed forward does not support)
+    groups_hot: int = 0  # groups served from a cached tower
+    groups_cold: int = 0  # groups served with tensors merged just in time
+    rows: int = 0
+    mixed_forward: bool = False
+    mixed_unsupported: str = ""
+    hot_tracked: int = 0
+
+
+@dataclass
 class Result:
     head: str
     weights: dict[str, float]
     mode: str  # "task", "weights" or "auto"
     probs: torch.Tensor  # [classes], softmax of the head's logits
     classes: list[str]
+    logits: torch.Tensor | None = None  # [classes]
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30, router_metric: str = "l2"):
+    def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30, router_metric: str = "l2",
+                 hot_after: int = 2, mixed_forward: bool = True, scratch_bytes: int = DEFAULT_BUDGET):
         self.backbone = backbone
         self.router = Router(backbone.embed_dim, k, router_metric)
         self.cache = DeltaCache(cache_bytes)
+        self.hot = HotSet(hot_after)
+        self._stats = EngineStats()
+        self._stats_lock = threading.Lock()
+        self.mixed: mixed.MixedTower | None = None
+        self.jit: JitMerge | None = None
+        self._mixed_lock = threading.Lock()  # the mixed tower and the scratch are used by one batch at a time
+        if mixed_forward:
+            self.mixed, reason = mixed.build(backbone.model, backbone.params, backbone.buffers, backbone.probe())
+            if self.mixed is None:
+                log.warning("one-pass mixed forward unavailable for %s (%s); batches that need several "
+                            "combinations run one forward per combination", backbone.arch, reason)
+                self._stats.mixed_unsupported = reason
+            else:
+                self.jit = JitMerge(backbone.params, self.mixed.order, scratch_bytes)
+        else:
+            self._stats.mixed_unsupported = "disabled"
+        self._stats.mixed_forward = self.mixed is not None
         self._switches: dict[str, Switch] = {}
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()  # the bank watcher and admin calls may sync at once
@@ -91,7 +142,9 @@ class Engine:
             self.router.add(sw.name, sw.queries)
         else:
             self.router.remove(sw.name)
-        self.cache.invalidate(lambda key: sw.name in key.names and key.hashes().get(sw.name) != sw.content_hash)
+        stale = lambda key: sw.name in key.names and key.hashes().get(sw.name) != sw.content_hash  # noqa: E731
+        self.cache.invalidate(stale)
+        self.hot.forget(stale)
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -99,6 +152,7 @@ class Engine:
                 raise NotFound(f"no switch named {name!r}")
         self.router.remove(name)
         self.cache.invalidate(lambda key: name in key.names)
+        self.hot.forget(lambda key: name in key.names)
 
     def sync(self, bank: Bank) -> bool:
         """Bring the served set in line with ``bank`` if its generation moved. Returns whether it did."""
@@ -156,8 +210,8 @@ class Engine:
                 out[i] = (Combination.of(w, hashes), "auto")
         return out  # type: ignore[return-value]
 
-    def materialise(self, combo: Combination, switches: dict[str, Switch]) -> tuple[torch.nn.Module, int]:
-        """A module with the merged weights of ``combo`` and the bytes it owns (the cache's unit)."""
+    def materialise(self, combo: Combination, switches: dict[str, Switch]) -> tuple[Merged, int]:
+        """The merged tower of ``combo`` and the bytes it owns (the cache's unit)."""
         t0 = time.perf_counter()
         base = self.backbone.params
         params = merged_params(base, [(switches[name], float(w)) for name, _, w in combo.terms])
@@ -166,7 +220,18 @@ class Engine:
             torch.cuda.synchronize()
         if self.on_materialise:
             self.on_materialise(time.perf_counter() - t0)
-        return module, owned_bytes(params, base)
+        return Merged(module, params), owned_bytes(params, base)
+
+    def stats(self) -> EngineStats:
+        with self._stats_lock:
+            s = EngineStats(**vars(self._stats))
+        s.hot_tracked = len(self.hot)
+        return s
+
+    def _count(self, **inc) -> None:
+        with self._stats_lock:
+            for k, v in inc.items():
+                setattr(self._stats, k, getattr(self._stats, k) + v)
 
     def run(self, x: torch.Tensor, routes: list[Route]) -> list[Result]:
         """Classify a preprocessed batch ``x`` [B, 3, H, W]; one Route per row."""
@@ -177,20 +242,86 @@ class Engine:
         groups: dict[Combination, list[int]] = {}
         for i, (combo, _) in enumerate(resolved):
             groups.setdefault(combo, []).append(i)
+        self.hot.seen(groups)
+        if self.mixed is None:
+            feats = self._grouped(x, groups, switches)
+        else:
+            feats = self._one_pass(x, groups, switches)
         results: list[Result | None] = [None] * len(routes)
         for combo, idx in groups.items():
-            xs = x if len(idx) == len(routes) else x[idx]  # one group: no copy of the batch
-            with self.cache.lease(combo, lambda c=combo: self.materialise(c, switches)) as module:
-                feats = self.backbone.forward(xs, module)
             top = combo.top()
             head = switches[top].head
-            probs = head_probs(head, feats)
+            logits = head_logits(head, feats[idx] if len(idx) < len(routes) else feats).cpu()
+            probs = logits.softmax(-1)
             for row, i in enumerate(idx):
-                results[i] = Result(top, combo.weights(), resolved[i][1], probs[row], head.classes)
+                results[i] = Result(top, combo.weights(), resolved[i][1], probs[row], head.classes, logits[row])
         return results  # type: ignore[return-value]
+
+    def _make(self, combo: Combination, switches: dict[str, Switch]):
+        return lambda: self.materialise(combo, switches)
+
+    def _grouped(self, x: torch.Tensor, groups: dict[Combination, list[int]], switches) -> torch.Tensor:
+        """One forward per group, each on its cached tower (built on a miss)."""
+        feats = None
+        for combo, idx in groups.items():
+            xs = x if len(idx) == x.shape[0] else x[idx]  # one group: no copy of the batch
+            with self.cache.lease(combo, self._make(combo, switches)) as merged:
+                f = self.backbone.forward(xs, merged.module)
+            if feats is None:
+                feats = f.new_empty((x.shape[0], f.shape[1]))
+            feats[idx] = f
+        self._count(batches_grouped=1, groups_hot=len(groups), rows=x.shape[0])
+        return feats
+
+    def _one_pass(self, x: torch.Tensor, groups: dict[Combination, list[int]], switches) -> torch.Tensor:
+        """The cached tower of a lone hot group, else one mixed forward for the whole batch."""
+        with ExitStack() as stack:
+            sources: list[Merged | None] = []
+            for combo in groups:
+                make = self._make(combo, switches) if self.hot.is_hot(combo) else None
+                sources.append(stack.enter_context(self.cache.lease(combo, make)))
+            hot = sum(s is not None for s in sources)
+            self._count(groups_hot=hot, groups_cold=len(sources) - hot, rows=x.shape[0])
+            if len(groups) == 1 and sources[0] is not None:
+                self._count(batches_cached=1)
+                return self.backbone.forward(x, sources[0].module)
+            self._count(batches_mixed=1)
+            order = [i for idx in groups.values() for i in idx]
+            spans, start = [], 0
+            for idx in groups.values():
+                spans.append((start, start + len(idx)))
+                start += len(idx)
+            cold = [[(switches[n], float(w)) for n, _, w in combo.terms]
+                    for combo, s in zip(groups, sources) if s is None]
+            slot = {g: j for j, g in enumerate(g for g, s in enumerate(sources) if s is None)}
+            jit = self.jit
+
+            def fetch(g: int, names: tuple) -> tuple:
+                src = sources[g]
+                if src is None:
+                    return jit.get(slot[g], names)
+                return tuple(src.params[n] if n else None for n in names)
+
+            sorted_x = x if order == list(range(x.shape[0])) else x[order]
+            with self._mixed_lock:
+                jit.begin(cold)
+                try:
+                    out = self.backbone.forward_mixed(sorted_x, self.mixed,
+                                                      mixed.Groups(spans, fetch, self.backbone.device))
+                finally:
+                    jit.end()
+            if sorted_x is x:
+                return out
+            feats = torch.empty_like(out)
+            feats[order] = out
+            return feats
 
 
 def head_probs(head, feats: torch.Tensor) -> torch.Tensor:
+    return head_logits(head, feats).softmax(-1).cpu()
+
+
+def head_logits(head, feats: torch.Tensor) -> torch.Tensor:
     f = feats.float()
     if head.normalize:
         f = torch.nn.functional.normalize(f, dim=-1)
@@ -198,5 +329,5 @@ def head_probs(head, feats: torch.Tensor) -> torch.Tensor:
     logits = f @ w.T
     if head.bias is not None:
         logits = logits + head.bias.to(f.device, torch.float32)
-    return logits.softmax(-1).cpu()
+    return logits
 

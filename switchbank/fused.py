@@ -152,10 +152,13 @@ def _items(numel: np.ndarray) -> np.ndarray:
     return np.stack([tensor, e0, np.minimum(e0 + BLOCK, numel[tensor])], axis=1).astype(np.int64)
 
 
-def merge(base: list[torch.Tensor], terms: list[Term]) -> list[torch.Tensor]:
+def merge(base: list[torch.Tensor], terms: list[Term], out: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Merged copies of ``base`` (contiguous fp32 CPU tensors), each term added in order.
 
-    Each result is a new tensor shaped as its base tensor (a plain copy where no term touches it).
+    Each result is a new tensor shaped as its base tensor (a plain copy where no term touches it),
+    or is written into ``out`` (contiguous fp32 CPU tensors of the same sizes, such as views of
+    one scratch buffer). A base tensor may appear several times, to merge several combinations
+    over the same weights in one call.
     """
     # the kernel reads raw addresses: anything but plain contiguous buffers would be misread
     if not supports(base):
@@ -174,7 +177,10 @@ def merge(base: list[torch.Tensor], terms: list[Term]) -> list[torch.Tensor]:
         coef[t, term.index] = term.coef
         mask_addr[t, term.index] = term.mask.data_ptr() + term.offset
         pos_addr[t, term.index] = term.pos.data_ptr() + term.offset
-    out = [torch.empty_like(t) for t in base]
+    if out is None:
+        out = [torch.empty_like(t) for t in base]
+    elif len(out) != n_tensors or not supports(out) or any(o.numel() != t.numel() for o, t in zip(out, base)):
+        raise Unsupported("out must be contiguous fp32 CPU tensors of the base tensors' sizes")
     base_addr = np.fromiter((t.data_ptr() for t in base), dtype=np.int64, count=n_tensors)
     out_addr = np.fromiter((t.data_ptr() for t in out), dtype=np.int64, count=n_tensors)
     items = _items(numel)

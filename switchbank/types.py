@@ -83,7 +83,11 @@ class Switch:
         return sum(e.numel for e in self.entries)
 
     def entry_map(self) -> dict[str, TensorEntry]:
-        return {e.name: e for e in self.entries}
+        """Entries by tensor name (built once; entries never change after construction)."""
+        cached = self.__dict__.get("_entry_map")
+        if cached is None or len(cached) != len(self.entries):
+            cached = self.__dict__["_entry_map"] = {e.name: e for e in self.entries}
+        return cached
 
     def to(self, device: torch.device | str) -> Switch:
         """Move the bit buffers (what materialisation reads) to ``device``; returns self."""

@@ -1,0 +1,51 @@
+"""Which combinations are hot enough to deserve a cached merged tower.
+
+A cached tower costs a whole tower's memory and one full merge to build; it pays off only for a
+combination that comes back. Auto-Switch traffic is mostly a few combinations (one per task) plus a
+long tail of mixes that appear once. A combination is hot once it has appeared in ``after`` batches
+among the recent ones; until then its rows go through the one-pass mixed forward with tensors merged
+just in time, and it takes no cache entry. Counts are halved every ``window`` observations, so a
+combination that stops coming cools down again and the table stays bounded (about 2 x ``window``
+keys at most).
+
+``after=1`` caches every combination on first use; ``after=0`` never caches.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Iterable
+
+
+class HotSet:
+    def __init__(self, after: int = 2, window: int = 4096):
+        if after < 0 or window < 1:
+            raise ValueError("after must be >= 0 and window >= 1")
+        self.after, self.window = int(after), int(window)
+        self._counts: dict[Hashable, int] = {}
+        self._seen = 0
+        self._lock = threading.Lock()
+
+    def seen(self, keys: Iterable[Hashable]) -> None:
+        """Record one batch's distinct combinations."""
+        with self._lock:
+            for k in keys:
+                self._counts[k] = self._counts.get(k, 0) + 1
+                self._seen += 1
+            if self._seen >= self.window:
+                self._seen = 0
+                self._counts = {k: c // 2 for k, c in self._counts.items() if c // 2}
+
+    def is_hot(self, key: Hashable) -> bool:
+        if self.after == 0:
+            return False
+        with self._lock:
+            return self._counts.get(key, 0) >= self.after
+
+    def forget(self, predicate) -> None:
+        """Drop the counts of combinations that match (a switch was replaced or removed)."""
+        with self._lock:
+            self._counts = {k: c for k, c in self._counts.items() if not predicate(k)}
+
+    def __len__(self) -> int:
+        return len(self._counts)

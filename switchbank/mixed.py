@@ -1,0 +1,446 @@
+"""One forward pass for a batch whose rows need different merged weights.
+
+Every parameterised operation of the supported towers is affine in its own parameters given its
+input (linear, convolution, the affine part of layer and batch norm, added embeddings, layer scale,
+the final projection), so a row served with theta0 + sum_t w_t tau_t never needs a tower of its own.
+Rows are sorted so that rows sharing weights (a *group*) are a contiguous slice of the batch; the
+batch then runs through the tower once: every parameter-free operation (activations, attention,
+softmax, pooling, residual adds) on all rows together, and each parameterised operation per group,
+with that group's tensors. Norms and embeddings take per-row parameters in one op. Modules that fuse
+an activation after the affine part (timm's BatchNormAct2d) are split, so that the mixing happens
+before the non-linearity; attention runs its in- and out-projections per group and the attention
+itself on the whole batch.
+
+Where each group's tensors come from is the caller's business (``Groups.fetch``): a cached merged
+tower for a hot combination, or tensors merged just in time (see jit.py).
+
+:func:`build` returns None for a tower it cannot run this way (the engine then falls back to one
+forward per group); it checks that every parameter is read by one of the mixed operations and that
+a probe batch gives the plain forward's answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Names = tuple  # parameter names of one operation, None for an absent bias
+
+
+@dataclass
+class Groups:
+    """The row layout of one mixed forward.
+
+    ``spans`` are the (start, end) row ranges of the groups, in order, covering the batch;
+    ``fetch(g, names)`` returns group g's tensors for ``names`` (None for a None name).
+    """
+
+    spans: list[tuple[int, int]]
+    fetch: Callable[[int, Names], tuple]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    _index: torch.Tensor | None = None
+
+    @property
+    def index(self) -> torch.Tensor:
+        """The group of each row, for per-row gathers."""
+        if self._index is None:
+            sizes = torch.tensor([e - s for s, e in self.spans])
+            self._index = torch.repeat_interleave(torch.arange(len(self.spans)), sizes).to(self.device)
+        return self._index
+
+    def tensors(self, names: Names) -> list[tuple]:
+        """Each group's tensors for ``names``; a single entry when every group has the same ones,
+        so that the operation runs once on the whole batch."""
+        out = [self.fetch(g, names) for g in range(len(self.spans))]
+        first = out[0]
+        if all(all(a is b for a, b in zip(o, first)) for o in out[1:]):
+            return [first]
+        return out
+
+    def rows(self, values: list[torch.Tensor], ndim: int) -> torch.Tensor:
+        """Per-row copies of per-group ``values`` ([D...] each), shaped [B, 1, ..., D...] for
+        broadcasting against an activation of ``ndim`` dimensions."""
+        stacked = torch.stack(values).index_select(0, self.index)
+        extra = ndim - stacked.dim()
+        return stacked.reshape(stacked.shape[:1] + (1,) * extra + stacked.shape[1:])
+
+
+class _Active(threading.local):
+    groups: Groups | None = None
+    record: list | None = None
+
+
+class _Op(nn.Module):
+    """A parameterised operation that reads its tensors from the active Groups."""
+
+    def __init__(self, active: _Active, names: Names):
+        super().__init__()
+        self.active = active
+        self.names = names
+
+    def tensors(self) -> tuple[Groups, list[tuple]]:
+        g = self.active.groups
+        if self.active.record is not None:
+            self.active.record.append(self.names)
+        return g, g.tensors(self.names)
+
+
+def _per_group(groups: Groups, ts: list[tuple], x: torch.Tensor, fn) -> torch.Tensor:
+    """fn(rows, *tensors) per group on its slice of ``x`` (batch first), joined back in order."""
+    if len(ts) == 1:
+        return fn(x, *ts[0])
+    return torch.cat([fn(x[s:e], *t) for (s, e), t in zip(groups.spans, ts)])
+
+
+class MixedLinear(_Op):
+    def forward(self, x):
+        g, ts = self.tensors()
+        return _per_group(g, ts, x, F.linear)
+
+
+class MixedConv(_Op):
+    """A convolution per group. When the trace finds that its output feeds a BatchNorm and
+    nothing else, the BatchNorm's affine part is folded into each group's weights and bias
+    (exact up to rounding), which saves a pass over the activations."""
+
+    def __init__(self, active, names, conv: Callable):
+        super().__init__(active, names)
+        self.conv = conv
+        self.bn: MixedBatchNorm | None = None
+
+    def forward(self, x):
+        g, ts = self.tensors()
+        if len(ts) == 1 and (self.bn is None or len(g.tensors(self.bn.names)) == 1):
+            return self.conv(x, *ts[0])
+        if self.bn is not None:
+            ts = self.bn.fold(g, ts)
+        out = _per_group(g, ts, x, self.conv)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+class MixedLayerNorm(_Op):
+    """LayerNorm with per-row weight and bias: normalise all rows at once, then apply each row's
+    affine part. ``fp32`` follows open_clip's LayerNormFp32 (normalise in fp32, cast back)."""
+
+    def __init__(self, active, names, shape, eps, fp32: bool):
+        super().__init__(active, names)
+        self.shape, self.eps, self.fp32 = tuple(shape), eps, fp32
+
+    def forward(self, x):
+        g, ts = self.tensors()
+        dtype = x.dtype
+        xin = x.float() if self.fp32 else x
+        if len(ts) == 1:
+            w, b = ts[0]
+            return F.layer_norm(xin, self.shape, w, b, self.eps).to(dtype)
+        y = F.layer_norm(xin, self.shape, None, None, self.eps)
+        w = g.rows([t[0] for t in ts], y.dim())
+        if ts[0][1] is None:
+            return (y * w).to(dtype)
+        return torch.addcmul(g.rows([t[1] for t in ts], y.dim()), y, w).to(dtype)
+
+
+class MixedBatchNorm(_Op):
+    """Inference BatchNorm2d (running statistics) with per-row affine parameters, then the
+    activation and dropout of timm's BatchNormAct2d, after the mixing."""
+
+    def __init__(self, active, names, mod: nn.BatchNorm2d):
+        super().__init__(active, names)
+        self.eps = mod.eps
+        self.register_buffer("mean", mod.running_mean, persistent=False)
+        self.register_buffer("var", mod.running_var, persistent=False)
+        self.drop = getattr(mod, "drop", nn.Identity())
+        self.act = getattr(mod, "act", nn.Identity())
+        self.folded = False  # set by the convolution that applied this norm's affine part
+
+    def _affine(self, ts: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        inv = torch.rsqrt(self.var + self.eps)
+        scale = [t[0] * inv for t in ts]
+        return scale, [t[1] - self.mean * s for t, s in zip(ts, scale)]
+
+    def fold(self, g: Groups, conv_ts: list[tuple]) -> list[tuple]:
+        """Per group: the convolution's (weight, bias) with this norm's affine part folded in."""
+        ts = g.tensors(self.names)
+        if self.active.record is not None:
+            self.active.record.append(self.names)
+        scale, shift = self._affine(ts)
+        if len(conv_ts) == 1:
+            conv_ts = conv_ts * len(ts)
+        elif len(ts) == 1:
+            scale, shift = scale * len(conv_ts), shift * len(conv_ts)
+        out = []
+        for (w, b), s, t in zip(conv_ts, scale, shift):
+            out.append((w * s.view(-1, *([1] * (w.dim() - 1))), t if b is None else torch.addcmul(t, b, s)))
+        self.folded = True
+        return out
+
+    def forward(self, x):
+        if self.folded:
+            self.folded = False
+        else:
+            g, ts = self.tensors()
+            if len(ts) == 1:
+                w, b = ts[0]
+                x = F.batch_norm(x, self.mean, self.var, w, b, False, 0.0, self.eps)
+            elif x.is_contiguous(memory_format=torch.channels_last):
+                # per-channel values along the innermost (channel) dimension: a plain stream
+                scale, shift = self._affine(ts)
+                xs = x.permute(0, 2, 3, 1)
+                x = torch.addcmul(g.rows(shift, 4), xs, g.rows(scale, 4)).permute(0, 3, 1, 2)
+            else:
+                scale, shift = self._affine(ts)
+                x = torch.addcmul(g.rows(shift, 2)[..., None, None], x, g.rows(scale, 2)[..., None, None])
+        return self.act(self.drop(x))
+
+
+class MixedLayerScale(_Op):
+    def forward(self, x):
+        g, ts = self.tensors()
+        if len(ts) == 1:
+            return x * ts[0][0]
+        return x * g.rows([t[0] for t in ts], x.dim())
+
+
+class MixedSelfAttention(_Op):
+    """nn.MultiheadAttention (batch first, self-attention, packed in-projection) with per-group
+    projections and the attention itself on the whole batch."""
+
+    def __init__(self, active, prefix: str, mod: nn.MultiheadAttention):
+        super().__init__(active, (prefix + "in_proj_weight", prefix + "in_proj_bias"))
+        self.out_names = (prefix + "out_proj.weight", prefix + "out_proj.bias")
+        self.heads = mod.num_heads
+
+    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, **_):
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("mixed attention supports self-attention only")
+        g, ts = self.tensors()
+        qkv = _per_group(g, ts, query, F.linear)
+        b, n, d3 = qkv.shape
+        q, k, v = qkv.view(b, n, 3, self.heads, d3 // (3 * self.heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(b, n, d3 // 3)
+        if self.active.record is not None:
+            self.active.record.append(self.out_names)
+        return _per_group(g, g.tensors(self.out_names), out, F.linear), None
+
+
+class MixedViT(nn.Module):
+    """open_clip's VisionTransformer forward with per-row class and positional embeddings and a
+    per-group final projection; its submodules are mixed operations."""
+
+    def __init__(self, active, vit):
+        super().__init__()
+        self.active = active
+        self.vit = vit
+
+    def _embed(self, g: Groups, name: str) -> list[torch.Tensor]:
+        if self.active.record is not None:
+            self.active.record.append((name,))
+        return [t[0] for t in g.tensors((name,))]
+
+    def forward(self, x):
+        vit, g = self.vit, self.active.groups
+        x = vit.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = self._embed(g, "class_embedding")
+        cls = cls[0].view(1, 1, -1).expand(x.shape[0], -1, -1) if len(cls) == 1 else g.rows(cls, 3)
+        x = torch.cat([cls.to(x.dtype), x], dim=1)
+        pos = self._embed(g, "positional_embedding")
+        x = x + (pos[0] if len(pos) == 1 else g.rows(pos, 3)).to(x.dtype)
+        x = vit.ln_pre(vit.patch_dropout(x))
+        x = vit.transformer(x)
+        pooled, _ = vit._pool(x)
+        proj = self._embed(g, "proj")
+        return _per_group(g, [(p,) for p in proj], pooled, torch.matmul)
+
+
+def _conv_fn(mod: nn.Conv2d) -> Callable | None:
+    if type(mod) is nn.Conv2d:
+        return mod._conv_forward
+    try:
+        from timm.layers.conv2d_same import Conv2dSame, conv2d_same
+    except ImportError:  # timm absent: no timm towers either
+        return None
+    if type(mod) is Conv2dSame:
+        return lambda x, w, b: conv2d_same(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)
+    return None
+
+
+def _layer_norm_kind(mod) -> bool | None:
+    """False for a LayerNorm computing in its input's dtype, True for open_clip's LayerNormFp32,
+    None for anything else."""
+    try:
+        from open_clip.transformer import LayerNorm, LayerNormFp32
+    except ImportError:
+        return None
+    if type(mod) in (nn.LayerNorm, LayerNorm):
+        return False
+    if type(mod) is LayerNormFp32:
+        return True
+    return None
+
+
+def _batch_norm_ok(mod) -> bool:
+    if type(mod) is nn.BatchNorm2d:
+        return mod.track_running_stats and mod.affine
+    try:
+        from timm.layers.norm_act import BatchNormAct2d
+    except ImportError:
+        return False
+    return type(mod) is BatchNormAct2d and mod.track_running_stats and mod.affine
+
+
+def _mixed_module(active: _Active, prefix: str, mod: nn.Module) -> nn.Module | None:
+    """The mixed replacement of ``mod`` (named ``prefix``), or None if it has none."""
+    def bias():
+        return prefix + "bias" if getattr(mod, "bias", None) is not None else None
+
+    if isinstance(mod, nn.Linear) and type(mod) is nn.Linear:
+        return MixedLinear(active, (prefix + "weight", bias()))
+    if isinstance(mod, nn.Conv2d):
+        fn = _conv_fn(mod)
+        return None if fn is None else MixedConv(active, (prefix + "weight", bias()), fn)
+    kind = _layer_norm_kind(mod)
+    if kind is not None and mod.elementwise_affine:
+        return MixedLayerNorm(active, (prefix + "weight", bias()), mod.normalized_shape, mod.eps, kind)
+    if isinstance(mod, nn.BatchNorm2d) and _batch_norm_ok(mod):
+        return MixedBatchNorm(active, (prefix + "weight", prefix + "bias"), mod)
+    if type(mod).__name__ == "LayerScale" and not getattr(mod, "inplace", False):
+        return MixedLayerScale(active, (prefix + "gamma",))
+    if (type(mod) is nn.MultiheadAttention and mod.batch_first and mod._qkv_same_embed_dim
+            and mod.bias_k is None and not mod.add_zero_attn and mod.in_proj_bias is not None):
+        return MixedSelfAttention(active, prefix, mod)
+    return None
+
+
+class MixedTower:
+    """The backbone's tower rebuilt with mixed operations (base tensors shared, never copied)."""
+
+    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]):
+        self.active = _Active()
+        memo = {id(t): t for t in (*params.values(), *buffers.values())}
+        root = copy.deepcopy(model, memo)
+        covered: set[str] = set()
+        for name, mod in list(root.named_modules()):
+            if not name:
+                continue
+            mixed = _mixed_module(self.active, name + ".", mod)
+            if mixed is None:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, leaf, mixed)
+            covered.update(_names(mixed))
+        top = model
+        if type(top).__name__ == "VisionTransformer":
+            root = MixedViT(self.active, root)
+            covered.update(("class_embedding", "positional_embedding", "proj"))
+        self.module = root.eval()
+        self.missing = sorted(set(params) - covered)
+        self.order: list[Names] = []  # parameter names in the order the forward reads them
+
+    def __call__(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        self.active.groups = groups
+        try:
+            with torch.inference_mode():
+                return self.module(x)
+        finally:
+            self.active.groups = None
+
+    def trace(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """A forward that records the order in which operations read their parameters, and which
+        convolutions feed a BatchNorm directly (candidates for folding)."""
+        self.active.record = []
+        outputs: dict[int, tuple[MixedConv, torch.Tensor]] = {}
+        self.pairs: list[tuple[MixedConv, MixedBatchNorm]] = []
+
+        def after_conv(mod, args, out):
+            outputs[id(out)] = (mod, out)  # the tensor is kept, so its id is not reused
+
+        def before_bn(mod, args):
+            hit = outputs.get(id(args[0]))
+            if hit is not None and hit[1] is args[0]:
+                self.pairs.append((hit[0], mod))
+
+        hooks = [m.register_forward_hook(after_conv) for m in self.module.modules() if isinstance(m, MixedConv)]
+        hooks += [m.register_forward_pre_hook(before_bn) for m in self.module.modules() if isinstance(m, MixedBatchNorm)]
+        try:
+            return self(x, groups)
+        finally:
+            for h in hooks:
+                h.remove()
+            self.order = list(dict.fromkeys(self.active.record))
+            self.active.record = None
+
+    def fold(self, on: bool) -> None:
+        for conv, bn in self.pairs:
+            conv.bn = bn if on else None
+
+
+def _names(mod: nn.Module) -> set[str]:
+    out = set()
+    for m in mod.modules():
+        if isinstance(m, _Op):
+            out.update(n for n in m.names if n)
+            out.update(n for n in getattr(m, "out_names", ()) if n)
+    return out
+
+
+def build(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+          probe: torch.Tensor) -> tuple[MixedTower | None, str]:
+    """The mixed tower of ``model``, or (None, reason) when it cannot run this tower exactly.
+
+    A probe batch of two rows in two groups (both on the base weights, so the shortcut for equal
+    tensors is bypassed) must give the plain forward's embeddings; the forward also records the
+    order in which parameters are read, which the just-in-time merge follows.
+    """
+    try:
+        tower = MixedTower(model, params, buffers)
+    except Exception as exc:  # a module that deepcopy or the checks do not expect
+        return None, f"cannot rebuild the tower: {exc}"
+    if tower.missing:
+        shown = ", ".join(tower.missing[:3])
+        return None, f"no mixed operation reads {len(tower.missing)} parameters ({shown}{', ...' if len(tower.missing) > 3 else ''})"
+    x = probe.expand(2, *probe.shape[1:]).clone()
+    x[1] = x[1].flip(-1)
+    distinct = {}
+
+    def fetch(g, names):
+        # group 1 gets equal but distinct tensors, so that every operation takes its per-group path
+        if g == 0:
+            return tuple(params[n] if n else None for n in names)
+        return tuple(distinct.setdefault(n, params[n].clone()) if n else None for n in names)
+
+    groups = Groups([(0, 1), (1, 2)], fetch, probe.device)
+
+    tol = 1e-4 if probe.dtype == torch.float32 else 2e-2  # fp16/bf16 round at about 1e-3 per operation
+
+    def same(got):
+        return got.shape == want.shape and torch.allclose(
+            got.float(), want.float(), rtol=10 * tol, atol=tol * float(want.abs().max()) + 1e-6)
+
+    try:
+        with torch.inference_mode():
+            want = model(x)
+        if not same(tower.trace(x, groups)):
+            return None, "the mixed forward does not reproduce the plain forward on a probe batch"
+        tower.fold(True)
+        if not same(tower(x, groups)):  # a convolution output used beyond its norm: do not fold
+            tower.fold(False)
+    except Exception as exc:
+        return None, f"the mixed forward failed on a probe batch: {type(exc).__name__}: {exc}"
+    if set(n for names in tower.order for n in names if n) != set(params):
+        return None, "the probe forward did not read every parameter"
+    return tower, ""
