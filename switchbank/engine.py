@@ -51,6 +51,7 @@ class Merged:
 
     module: torch.nn.Module
     params: dict[str, torch.Tensor]
+    memo: dict  # tensors the mixed forward derives from the weights (folded convolutions)
 
 
 @dataclass
@@ -216,11 +217,13 @@ class Engine:
         base = self.backbone.params
         params = merged_params(base, [(switches[name], float(w)) for name, _, w in combo.terms])
         module = self.backbone.replica(params)
+        memo = self.mixed.derived(params) if self.mixed is not None else {}
         if self.backbone.device.type == "cuda":
             torch.cuda.synchronize()
         if self.on_materialise:
             self.on_materialise(time.perf_counter() - t0)
-        return Merged(module, params), owned_bytes(params, base)
+        derived = sum(t.numel() * t.element_size() for pair in memo.values() for t in pair if t is not None)
+        return Merged(module, params, memo), owned_bytes(params, base) + derived
 
     def stats(self) -> EngineStats:
         with self._stats_lock:
@@ -306,8 +309,9 @@ class Engine:
             with self._mixed_lock:
                 jit.begin(cold)
                 try:
+                    memo = [{} if s is None else s.memo for s in sources]
                     out = self.backbone.forward_mixed(sorted_x, self.mixed,
-                                                      mixed.Groups(spans, fetch, self.backbone.device))
+                                                      mixed.Groups(spans, fetch, self.backbone.device, memo))
                 finally:
                     jit.end()
             if sorted_x is x:

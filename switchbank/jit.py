@@ -1,11 +1,15 @@
 """Merged tensors built just in time, for combinations that hold no cached tower.
 
 A mixed forward (mixed.py) asks for each group's tensors operation by operation, in the order
-recorded when the mixed tower was built. For the groups without a cached tower, this module merges
-theta0 + sum_t w_t tau_t for a *segment* of consecutive operations at a time, for all those groups
-in one pass, into a scratch buffer that is reused from segment to segment and batch to batch. So a
-combination that is not hot costs one merge of the tower per batch, spread over the forward, and at
-most ``budget`` bytes of scratch, never a tower-sized allocation or cache entry.
+recorded when the mixed tower was built. For a group without a cached tower, this module merges
+theta0 + sum_t w_t tau_t for one *segment* of consecutive operations (about ``segment_bytes`` of
+weights; a larger operation is a segment of its own) when the forward first needs it, into that
+group's slot of a scratch buffer that is reused from segment to segment and batch to batch. The
+operation then reads the weights it has just written while they are still in the processor's
+cache. So a combination that is not hot costs one merge of the tower per batch, spread over the
+forward, and at most ``budget`` bytes of scratch, never a tower-sized allocation or cache entry.
+When the batch has more cold groups than the budget holds slots, groups share slots and a segment
+is merged again when its slot was taken meanwhile (slower, never wrong).
 
 On fp32 CPU towers the fused kernel writes straight into the scratch buffer; elsewhere (GPU,
 fp16/bf16) each segment is merged with torch ops into fresh tensors, which the device's caching
@@ -22,110 +26,108 @@ import torch
 from . import fused
 from .combine import Weighted, _contributes, merged_params
 
+SEGMENT_BYTES = 4 << 20  # about what stays in a core's share of the last-level cache
 DEFAULT_BUDGET = 256 << 20
 ALIGN = 16  # elements: every view in the scratch buffer starts on a 64-byte boundary
 
 
 class JitMerge:
-    def __init__(self, base: dict[str, torch.Tensor], order: Sequence[tuple], budget: int = DEFAULT_BUDGET):
+    def __init__(self, base: dict[str, torch.Tensor], order: Sequence[tuple], budget: int = DEFAULT_BUDGET,
+                 segment_bytes: int = SEGMENT_BYTES):
         self.base = base
         self.budget = int(budget)
         # the forward reads operations in this order; one operation's tensors stay in one segment
-        self.ops = [tuple(n for n in names if n) for names in order]
-        self.op_of = {n: i for i, names in enumerate(self.ops) for n in names}
-        self.op_bytes = np.array([sum(base[n].numel() * base[n].element_size() for n in names) for names in self.ops],
-                                 dtype=np.int64)
+        ops = [tuple(n for n in names if n) for names in order]
+        self.segments: list[list[str]] = []
+        size = 0
+        for names in ops:
+            b = sum(base[n].numel() * base[n].element_size() for n in names)
+            if not self.segments or (size and size + b > segment_bytes):
+                self.segments.append([])
+                size = 0
+            self.segments[-1].extend(names)
+            size += b
+        self.segment_of = {n: i for i, seg in enumerate(self.segments) for n in seg}
         self.fused = fused.supports(base.values())
+        # fused path: element offsets of each tensor inside a slot, and the slot's size
+        self._starts = []
+        for seg in self.segments:
+            sizes = [-(-base[n].numel() // ALIGN) * ALIGN for n in seg]
+            self._starts.append(dict(zip(seg, np.cumsum([0] + sizes[:-1]).tolist())))
+        self.slot_elems = max((sum(-(-base[n].numel() // ALIGN) * ALIGN for n in seg) for seg in self.segments),
+                              default=0)
         self._scratch: torch.Tensor | None = None
         self.groups: list[list] = []
-        self._bounds: np.ndarray = np.zeros(0, dtype=np.int64)
-        self._segment = -1
+        self._owner: list[tuple[int, int] | None] = []
         self._merged: list[dict[str, torch.Tensor]] = []
+        self.merges = 0  # segment merges done (for tests and benchmarks)
 
     def begin(self, groups: list[Weighted]) -> None:
         """Start a batch whose cold groups have these weighted switches."""
         self.groups = [[(sw, float(w)) for sw, w in g if float(w) != 0.0] for g in groups]
-        self._segment = -1
-        self._merged = []
-        if not self.groups:
-            return
-        # segments of consecutive operations whose tensors, for every group, fit the budget
-        per_group = max(1, self.budget // len(self.groups))
-        starts, size = [0], 0
-        for i, b in enumerate(self.op_bytes):
-            if size and size + b > per_group:
-                starts.append(i)
-                size = 0
-            size += int(b)
-        self._bounds = np.array(starts + [len(self.ops)], dtype=np.int64)
+        slot_bytes = max(1, self.slot_elems * 4)
+        n = max(1, min(len(self.groups), self.budget // slot_bytes)) if self.groups else 0
+        self._owner = [None] * n
+        self._merged = [{} for _ in range(n)]
+        if self.fused and n and (self._scratch is None or self._scratch.numel() < n * self.slot_elems):
+            self._scratch = None  # free the old buffer before taking the new one
+            self._scratch = torch.empty(n * self.slot_elems, dtype=torch.float32)
 
     def end(self) -> None:
-        self.groups, self._merged, self._segment = [], [], -1
+        self.groups, self._owner, self._merged = [], [], []
 
     def get(self, g: int, names: tuple) -> tuple:
         """Group g's merged tensors for ``names`` (None stays None)."""
         real = [n for n in names if n]
-        if real:
-            seg = int(np.searchsorted(self._bounds, self.op_of[real[0]], side="right")) - 1
-            if seg != self._segment:
-                self._merge(seg)
-        merged = self._merged[g] if self._merged else {}
+        if not real:
+            return tuple(None for _ in names)
+        seg = self.segment_of[real[0]]
+        slot = g % len(self._owner)
+        if self._owner[slot] != (g, seg):
+            self._owner[slot] = None
+            self._merged[slot] = self._merge(g, seg, slot)
+            self._owner[slot] = (g, seg)
+        merged = self._merged[slot]
         return tuple(merged.get(n, self.base[n]) if n else None for n in names)
 
-    def _merge(self, seg: int) -> None:
-        names = [n for ops in self.ops[self._bounds[seg]:self._bounds[seg + 1]] for n in ops]
-        self._segment = -1
-        self._merged = []  # release the previous segment first
-        if self.fused:
-            self._merged = self._merge_fused(names)
-        else:
+    def _merge(self, g: int, seg: int, slot: int) -> dict[str, torch.Tensor]:
+        self.merges += 1
+        weighted = self.groups[g]
+        names = self.segments[seg]
+        if not self.fused:
             sub = {n: self.base[n] for n in names}
-            self._merged = [{n: t for n, t in merged_params(sub, g, kernel=False).items() if t is not sub[n]}
-                            for g in self.groups]
-        self._segment = seg
+            return {n: t for n, t in merged_params(sub, weighted, kernel=False).items() if t is not sub[n]}
+        return self._merge_fused(names, weighted, slot * self.slot_elems, self._starts[seg])
 
-    def _merge_fused(self, names: list[str]) -> list[dict[str, torch.Tensor]]:
-        """One kernel call for every cold group, into views of the scratch buffer."""
-        base = [self.base[n] for n in names]
-        sizes = [t.numel() for t in base]
-        starts = np.cumsum([0] + [-(-s // ALIGN) * ALIGN for s in sizes])
-        per_group = int(starts[-1])
-        need = per_group * len(self.groups)
-        if self._scratch is None or self._scratch.numel() < need:
-            self._scratch = None
-            self._scratch = torch.empty(need, dtype=torch.float32)
-        terms, outs, out_names = [], [], []
-        for g, weighted in enumerate(self.groups):
-            maps = [sw.entry_map() for sw, _ in weighted]
-            touched = [i for i, n in enumerate(names)
-                       if any((e := m.get(n)) is not None and _contributes(e) for m in maps)]
-            slot = {}
-            for i in touched:
-                slot[names[i]] = len(outs)
-                lo = g * per_group + int(starts[i])
-                outs.append(self._scratch[lo:lo + sizes[i]])
-                out_names.append((g, names[i]))
-            for (sw, w), emap in zip(weighted, maps):
-                idx, offset, coef = [], [], []
-                for i in touched:
-                    e = emap.get(names[i])
-                    if e is None or not _contributes(e):
-                        continue
-                    idx.append(slot[names[i]])
-                    offset.append(e.offset)
-                    coef.append(w * e.scale)
-                if idx:
-                    terms.append(fused.Term(sw.mask, sw.pos, np.asarray(idx, dtype=np.int64),
-                                            np.asarray(offset, dtype=np.int64), np.asarray(coef, dtype=np.float32)))
-        merged: list[dict[str, torch.Tensor]] = [{} for _ in self.groups]
+    def _merge_fused(self, names: list[str], weighted: list, base_offset: int, starts: dict) -> dict[str, torch.Tensor]:
+        """One kernel call writing the group's merged tensors into its scratch slot."""
+        maps = [sw.entry_map() for sw, _ in weighted]
+        touched = [n for n in names if any((e := m.get(n)) is not None and _contributes(e) for m in maps)]
+        slot = {n: i for i, n in enumerate(touched)}
+        outs = []
+        for n in touched:
+            lo = base_offset + starts[n]
+            outs.append(self._scratch[lo:lo + self.base[n].numel()])
+        terms = []
+        for (sw, w), emap in zip(weighted, maps):
+            idx, offset, coef = [], [], []
+            for n in touched:
+                e = emap.get(n)
+                if e is None or not _contributes(e):
+                    continue
+                idx.append(slot[n])
+                offset.append(e.offset)
+                coef.append(w * e.scale)
+            if idx:
+                terms.append(fused.Term(sw.mask, sw.pos, np.asarray(idx, dtype=np.int64),
+                                        np.asarray(offset, dtype=np.int64), np.asarray(coef, dtype=np.float32)))
+        merged = {}
         if outs:
-            fused.merge([self.base[n] for _, n in out_names], terms, out=outs)
-            for (g, n), t in zip(out_names, outs):
-                merged[g][n] = t.view(self.base[n].shape)
-        for g, weighted in enumerate(self.groups):  # 0-dim tensors are stored exactly, not as bits
-            for sw, w in weighted:
-                for n, d in sw.dense.items():
-                    if n in names:
-                        t = merged[g].get(n)
-                        merged[g][n] = (self.base[n] if t is None else t) + w * d.to(self.base[n].dtype)
+            fused.merge([self.base[n] for n in touched], terms, out=outs)
+            merged = {n: t.view(self.base[n].shape) for n, t in zip(touched, outs)}
+        for sw, w in weighted:  # 0-dim tensors are stored exactly, not as bits
+            for n, d in sw.dense.items():
+                if n in slot or n in starts:
+                    t = merged.get(n)
+                    merged[n] = (self.base[n] if t is None else t) + w * d.to(self.base[n].dtype)
         return merged

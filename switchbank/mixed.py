@@ -47,7 +47,14 @@ class Groups:
     spans: list[tuple[int, int]]
     fetch: Callable[[int, Names], tuple]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # per group, tensors derived from its weights (folded convolutions), kept as long as the
+    # caller keeps the dict: across batches for a cached tower, for one batch otherwise
+    memo: list[dict] | None = None
     _index: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.memo is None:
+            self.memo = [{} for _ in self.spans]
 
     @property
     def index(self) -> torch.Tensor:
@@ -101,32 +108,133 @@ def _per_group(groups: Groups, ts: list[tuple], x: torch.Tensor, fn) -> torch.Te
     return torch.cat([fn(x[s:e], *t) for (s, e), t in zip(groups.spans, ts)])
 
 
+def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor) -> torch.Tensor:
+    """F.linear per group over ``x`` [B, ..., in] (batch first), each group writing its slice of
+    one output: no copy to join the groups."""
+    if len(ts) == 1:
+        return F.linear(x, *ts[0])
+    b = x.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    per = x2.shape[0] // b  # rows of x2 per batch row (tokens, pixels)
+    out = x2.new_empty((x2.shape[0], ts[0][0].shape[0]))
+    for (s, e), (w, bias) in zip(groups.spans, ts):
+        rows, dst = x2[s * per:e * per], out[s * per:e * per]
+        w2 = w.reshape(w.shape[0], -1).t()
+        if bias is None:
+            torch.mm(rows, w2, out=dst)
+        else:
+            torch.addmm(bias, rows, w2, out=dst)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 class MixedLinear(_Op):
     def forward(self, x):
         g, ts = self.tensors()
-        return _per_group(g, ts, x, F.linear)
+        return _linear_rows(g, ts, x)
 
 
 class MixedConv(_Op):
-    """A convolution per group. When the trace finds that its output feeds a BatchNorm and
-    nothing else, the BatchNorm's affine part is folded into each group's weights and bias
-    (exact up to rounding), which saves a pass over the activations."""
+    """A 2-D convolution per group.
 
-    def __init__(self, active, names, conv: Callable):
+    Pointwise convolutions of channels_last activations run as per-group matrix products over
+    the pixels, each writing its slice of one output. "Same" padding (timm's Conv2dSame) is applied
+    once to the whole batch. When the trace finds that the output feeds a BatchNorm and nothing
+    else, the norm's affine part is folded into each group's weights and bias (exact up to
+    rounding), which saves a pass over the activations.
+    """
+
+    def __init__(self, active, names, mod: nn.Conv2d, same: bool):
         super().__init__(active, names)
-        self.conv = conv
+        self.same = same
+        self.stride, self.dilation, self.groups = mod.stride, mod.dilation, mod.groups
+        self.padding = mod.padding
+        self.kernel = tuple(mod.kernel_size)
+        self.plain = (lambda x, w, b: _conv2d_same(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)) \
+            if same else mod._conv_forward
+        self.pointwise = (not same and self.kernel == (1, 1) and tuple(self.stride) == (1, 1) and self.groups == 1
+                          and tuple(self.padding) == (0, 0) and mod.padding_mode == "zeros")
         self.bn: MixedBatchNorm | None = None
 
     def forward(self, x):
         g, ts = self.tensors()
-        if len(ts) == 1 and (self.bn is None or len(g.tensors(self.bn.names)) == 1):
-            return self.conv(x, *ts[0])
+        bn_ts = g.tensors(self.bn.names) if self.bn is not None else None
+        if len(ts) == 1 and (bn_ts is None or len(bn_ts) == 1):
+            return self.plain(x, *ts[0])
         if self.bn is not None:
-            ts = self.bn.fold(g, ts)
-        out = _per_group(g, ts, x, self.conv)
+            ts = self.bn.fold(g, ts, bn_ts, id(self))
+        if self.pointwise and x.is_contiguous(memory_format=torch.channels_last):
+            return _linear_rows(g, ts, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.same:
+            from timm.layers.padding import pad_same
+            x = pad_same(x, self.kernel, self.stride, self.dilation)
+            padding = 0
+        else:
+            padding = self.padding
+        out = _per_group(g, ts, x, lambda xs, w, b: F.conv2d(xs, w, b, self.stride, padding, self.dilation,
+                                                              self.groups))
         if x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
+
+
+class MixedBatchNorm(_Op):
+    """Inference BatchNorm2d (running statistics) with per-row affine parameters, then the
+    activation and dropout of timm's BatchNormAct2d, after the mixing."""
+
+    def __init__(self, active, names, mod: nn.BatchNorm2d):
+        super().__init__(active, names)
+        self.eps = mod.eps
+        self.register_buffer("mean", mod.running_mean, persistent=False)
+        self.register_buffer("var", mod.running_var, persistent=False)
+        self.register_buffer("inv", torch.rsqrt(mod.running_var + mod.eps), persistent=False)
+        self.drop = getattr(mod, "drop", nn.Identity())
+        self.act = getattr(mod, "act", nn.Identity())
+        self.folded = False  # set by the convolution that applied this norm's affine part
+
+    def _affine(self, ts: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        scale = [t[0] * self.inv for t in ts]
+        return scale, [t[1] - self.mean * s for t, s in zip(ts, scale)]
+
+    def fold(self, g: Groups, conv_ts: list[tuple], ts: list[tuple], key: int) -> list[tuple]:
+        """Per group: the convolution's (weight, bias) with this norm's affine part folded in."""
+        if self.active.record is not None:
+            self.active.record.append(self.names)
+        n = len(g.spans)
+        conv_ts = conv_ts * n if len(conv_ts) == 1 else conv_ts
+        ts = ts * n if len(ts) == 1 else ts
+        out = []
+        for memo, (w, b), t in zip(g.memo, conv_ts, ts):
+            hit = memo.get(key)
+            if hit is None:
+                hit = memo[key] = fold(w, b, t[0], t[1], self.mean, self.inv)
+            out.append(hit)
+        self.folded = True
+        return out
+
+    def forward(self, x):
+        if self.folded:
+            self.folded = False
+        else:
+            g, ts = self.tensors()
+            if len(ts) == 1:
+                w, b = ts[0]
+                x = F.batch_norm(x, self.mean, self.var, w, b, False, 0.0, self.eps)
+            elif x.is_contiguous(memory_format=torch.channels_last):
+                # per-channel values along the innermost (channel) dimension: a plain stream
+                scale, shift = self._affine(ts)
+                xs = x.permute(0, 2, 3, 1)
+                x = torch.addcmul(g.rows(shift, 4), xs, g.rows(scale, 4)).permute(0, 3, 1, 2)
+            else:
+                scale, shift = self._affine(ts)
+                x = torch.addcmul(g.rows(shift, 2)[..., None, None], x, g.rows(scale, 2)[..., None, None])
+        return self.act(self.drop(x))
+
+
+def fold(w, b, gamma, beta, mean, inv) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv(x, w, b) followed by inference BatchNorm as one convolution's (weight, bias)."""
+    scale = gamma * inv
+    shift = beta - mean * scale
+    return w * scale.view(-1, *([1] * (w.dim() - 1))), shift if b is None else torch.addcmul(shift, b, scale)
 
 
 class MixedLayerNorm(_Op):
@@ -151,59 +259,6 @@ class MixedLayerNorm(_Op):
         return torch.addcmul(g.rows([t[1] for t in ts], y.dim()), y, w).to(dtype)
 
 
-class MixedBatchNorm(_Op):
-    """Inference BatchNorm2d (running statistics) with per-row affine parameters, then the
-    activation and dropout of timm's BatchNormAct2d, after the mixing."""
-
-    def __init__(self, active, names, mod: nn.BatchNorm2d):
-        super().__init__(active, names)
-        self.eps = mod.eps
-        self.register_buffer("mean", mod.running_mean, persistent=False)
-        self.register_buffer("var", mod.running_var, persistent=False)
-        self.drop = getattr(mod, "drop", nn.Identity())
-        self.act = getattr(mod, "act", nn.Identity())
-        self.folded = False  # set by the convolution that applied this norm's affine part
-
-    def _affine(self, ts: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        inv = torch.rsqrt(self.var + self.eps)
-        scale = [t[0] * inv for t in ts]
-        return scale, [t[1] - self.mean * s for t, s in zip(ts, scale)]
-
-    def fold(self, g: Groups, conv_ts: list[tuple]) -> list[tuple]:
-        """Per group: the convolution's (weight, bias) with this norm's affine part folded in."""
-        ts = g.tensors(self.names)
-        if self.active.record is not None:
-            self.active.record.append(self.names)
-        scale, shift = self._affine(ts)
-        if len(conv_ts) == 1:
-            conv_ts = conv_ts * len(ts)
-        elif len(ts) == 1:
-            scale, shift = scale * len(conv_ts), shift * len(conv_ts)
-        out = []
-        for (w, b), s, t in zip(conv_ts, scale, shift):
-            out.append((w * s.view(-1, *([1] * (w.dim() - 1))), t if b is None else torch.addcmul(t, b, s)))
-        self.folded = True
-        return out
-
-    def forward(self, x):
-        if self.folded:
-            self.folded = False
-        else:
-            g, ts = self.tensors()
-            if len(ts) == 1:
-                w, b = ts[0]
-                x = F.batch_norm(x, self.mean, self.var, w, b, False, 0.0, self.eps)
-            elif x.is_contiguous(memory_format=torch.channels_last):
-                # per-channel values along the innermost (channel) dimension: a plain stream
-                scale, shift = self._affine(ts)
-                xs = x.permute(0, 2, 3, 1)
-                x = torch.addcmul(g.rows(shift, 4), xs, g.rows(scale, 4)).permute(0, 3, 1, 2)
-            else:
-                scale, shift = self._affine(ts)
-                x = torch.addcmul(g.rows(shift, 2)[..., None, None], x, g.rows(scale, 2)[..., None, None])
-        return self.act(self.drop(x))
-
-
 class MixedLayerScale(_Op):
     def forward(self, x):
         g, ts = self.tensors()
@@ -225,7 +280,7 @@ class MixedSelfAttention(_Op):
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise NotImplementedError("mixed attention supports self-attention only")
         g, ts = self.tensors()
-        qkv = _per_group(g, ts, query, F.linear)
+        qkv = _linear_rows(g, ts, query)
         b, n, d3 = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.heads, d3 // (3 * self.heads)).permute(2, 0, 3, 1, 4).unbind(0)
         if attn_mask is not None:
@@ -234,7 +289,7 @@ class MixedSelfAttention(_Op):
         out = out.transpose(1, 2).reshape(b, n, d3 // 3)
         if self.active.record is not None:
             self.active.record.append(self.out_names)
-        return _per_group(g, g.tensors(self.out_names), out, F.linear), None
+        return _linear_rows(g, g.tensors(self.out_names), out), None
 
 
 class MixedViT(nn.Module):
@@ -267,16 +322,20 @@ class MixedViT(nn.Module):
         return _per_group(g, [(p,) for p in proj], pooled, torch.matmul)
 
 
-def _conv_fn(mod: nn.Conv2d) -> Callable | None:
+def _conv_kind(mod: nn.Conv2d) -> bool | None:
+    """False for a plain Conv2d, True for timm's Conv2dSame, None for anything else."""
     if type(mod) is nn.Conv2d:
-        return mod._conv_forward
+        return False
     try:
-        from timm.layers.conv2d_same import Conv2dSame, conv2d_same
+        from timm.layers.conv2d_same import Conv2dSame
     except ImportError:  # timm absent: no timm towers either
         return None
-    if type(mod) is Conv2dSame:
-        return lambda x, w, b: conv2d_same(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)
-    return None
+    return True if type(mod) is Conv2dSame else None
+
+
+def _conv2d_same(x, w, b, stride, padding, dilation, groups):
+    from timm.layers.conv2d_same import conv2d_same
+    return conv2d_same(x, w, b, stride, padding, dilation, groups)
 
 
 def _layer_norm_kind(mod) -> bool | None:
@@ -311,8 +370,8 @@ def _mixed_module(active: _Active, prefix: str, mod: nn.Module) -> nn.Module | N
     if isinstance(mod, nn.Linear) and type(mod) is nn.Linear:
         return MixedLinear(active, (prefix + "weight", bias()))
     if isinstance(mod, nn.Conv2d):
-        fn = _conv_fn(mod)
-        return None if fn is None else MixedConv(active, (prefix + "weight", bias()), fn)
+        same = _conv_kind(mod)
+        return None if same is None else MixedConv(active, (prefix + "weight", bias()), mod, same)
     kind = _layer_norm_kind(mod)
     if kind is not None and mod.elementwise_affine:
         return MixedLayerNorm(active, (prefix + "weight", bias()), mod.normalized_shape, mod.eps, kind)
@@ -384,9 +443,19 @@ class MixedTower:
             self.order = list(dict.fromkeys(self.active.record))
             self.active.record = None
 
-    def fold(self, on: bool) -> None:
+    def set_folding(self, on: bool) -> None:
         for conv, bn in self.pairs:
             conv.bn = bn if on else None
+
+    def derived(self, params: dict[str, torch.Tensor]) -> dict:
+        """The folded convolutions of a cached tower's weights (a Groups memo for its group)."""
+        memo = {}
+        for conv, bn in self.pairs:
+            if conv.bn is bn:
+                w, b = (params[n] if n else None for n in conv.names)
+                gamma, beta = (params[n] for n in bn.names)
+                memo[id(conv)] = fold(w, b, gamma, beta, bn.mean, bn.inv)
+        return memo
 
 
 def _names(mod: nn.Module) -> set[str]:
@@ -436,9 +505,9 @@ def build(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, 
             want = model(x)
         if not same(tower.trace(x, groups)):
             return None, "the mixed forward does not reproduce the plain forward on a probe batch"
-        tower.fold(True)
+        tower.set_folding(True)
         if not same(tower(x, groups)):  # a convolution output used beyond its norm: do not fold
-            tower.fold(False)
+            tower.set_folding(False)
     except Exception as exc:
         return None, f"the mixed forward failed on a probe batch: {type(exc).__name__}: {exc}"
     if set(n for names in tower.order for n in names if n) != set(params):
