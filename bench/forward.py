@@ -1,6 +1,6 @@
 """Throughput and latency of the forward paths, side by side in one run.
 
-    python -m bench.forward [--workloads A,B] [--batches 1,8,32] [--repeats 7]
+    python -m bench.forward [--workloads A,B] [--batches 1,8,32] [--repeats 7] [--mixed-rounds 5]
 
 For each batch size: the plain open_clip image-tower forward with no switchbank code (the
 reference); the same with its input in channels_last layout, as the engine feeds it on CPU (a
@@ -10,6 +10,13 @@ rebuilds every parameter (theta0 + sum_t w_t tau_hat_t, dense) for each batch be
 
 The paths are timed in rounds, each round running every path once (a sample is as many calls as
 last about MIN_SAMPLE_S), and each ratio is the median over rounds of the ratio within a round.
+
+Then mixed traffic, in batches of 16, as users send it (bench/traffic.py): for B, every held-out
+image of the six demo tasks, shuffled, with no task named (Auto-Switch); for A, explicit weights
+following the mixes the demo router gives those images. Every engine configuration (MIX_CASES)
+serves the same stream, continued from round to round (a warm-up first), next to the plain forward
+on the same batches; the table reports groups per batch, the share of groups served on cached
+weights, the cache hit rate and what the cache holds at the end. The default 2 GiB cache is used.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import torch
 
-from bench.common import interleaved, md_table, paired, summary, timeit, write
+from bench.common import interleaved, md_table, paired, summary, sync, timeit, write
 from bench.workloads import WORKLOADS
 from switchbank.combine import dense_task_vector
 from switchbank.engine import Route
@@ -99,14 +107,114 @@ def bench_workload(w, batches, repeats):
     return rows, results
 
 
+# --- mixed traffic ----------------------------------------------------------------------------
+DEFAULT_CACHE = 2 << 30  # the server's default SWITCHBANK_CACHE_BYTES
+MIX_CASES = {
+    "before: one forward per combination, every combination cached": {"mixed_forward": False, "hot_after": 1},
+    "one pass, cached once seen in 2 batches (default)": {"hot_after": 2},
+    "one pass, cached on first use": {"hot_after": 1},
+    "one pass, cached once seen in 3 batches": {"hot_after": 3},
+    "one pass, never cached": {"hot_after": 0},
+}
+
+
+def mixed_requests(key: str, w, mixes: list[dict[str, float]]) -> list[tuple[torch.Tensor, Route]]:
+    """B: every shuffled demo image, Auto-Switch. A: weights following the demo's mixes (demo task
+    names mapped onto A's switches), each with an image of its top-weighted switch's distribution."""
+    if key == "B":
+        from bench.traffic import demo_images
+        return [(w.backbone.preprocess(im), Route()) for _, im in demo_images()]
+    demo_names = sorted({n for m in mixes for n in m})
+    names = dict(zip(demo_names, sorted(w.switches)))
+    out = []
+    for i, m in enumerate(mixes):
+        mapped = {names[n]: v for n, v in m.items()}
+        top = max(sorted(mapped), key=lambda n: mapped[n])
+        pool = w.images[top]
+        out.append((pool[i % len(pool)], Route(weights=mapped)))
+    return out
+
+
+def bench_mixed(key: str, w, requests, batch: int, warmup: int, rounds: int, per_round: int):
+    """Each case on the same stream of batches, in interleaved rounds of ``per_round`` batches."""
+    from bench.traffic import stream
+    engines = {label: w.engine(cache_bytes=DEFAULT_CACHE, **opts) for label, opts in MIX_CASES.items()}
+    model, dev, dt = w.backbone.model, w.backbone.device, w.backbone.dtype
+    layout = torch.channels_last if w.backbone.channels_last else torch.contiguous_format
+
+    def batches(start: int, count: int):
+        out = []
+        for chunk in stream(requests, batch, start, count):
+            x = torch.stack([r[0] for r in chunk])
+            out.append((x, x.to(dev, dt).contiguous(memory_format=layout), [r[1] for r in chunk]))
+        return out
+
+    def plain(bs):
+        with torch.inference_mode():
+            for _, xd, _ in bs:
+                model(xd)
+
+    def case(eng):
+        return lambda bs: [eng.run(x, routes) for x, _, routes in bs]
+
+    runs = {"plain forward": plain, **{label: case(e) for label, e in engines.items()}}
+    for fn in runs.values():
+        fn(batches(0, warmup))
+    before = {label: (e.stats(), e.cache.stats()) for label, e in engines.items()}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(rounds):
+        bs = batches((warmup + r * per_round) * batch, per_round)
+        for label, fn in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            fn(bs)
+            sync()
+            times[label].append(time.perf_counter() - t0)
+    rows, results = [], []
+    ref = times["plain forward"]
+    for label, samples in times.items():
+        t = summary(samples)
+        images = batch * per_round
+        item = {"case": label, "images_per_s": images / t["median"], "seconds_per_round": t,
+                "throughput_vs_plain": paired(ref, samples)}
+        row = [label, images / t["median"], item["throughput_vs_plain"]]
+        if label in engines:
+            e = engines[label]
+            (s0, c0), s1, c1 = before[label], e.stats(), e.cache.stats()
+            groups = (s1.groups_hot - s0.groups_hot) + (s1.groups_cold - s0.groups_cold)
+            nb = (s1.batches_cached + s1.batches_mixed + s1.batches_grouped
+                  - s0.batches_cached - s0.batches_mixed - s0.batches_grouped)
+            leases = (c1.hits - c0.hits) + (c1.misses - c0.misses)
+            item.update({
+                "groups_per_batch": groups / max(1, nb),
+                "groups_on_cached_weights": (s1.groups_hot - s0.groups_hot) / max(1, groups),
+                "cache_hit_rate": (c1.hits - c0.hits) / max(1, leases),
+                "cache_bytes": c1.bytes, "cache_entries": c1.entries, "cache_capacity": c1.capacity_bytes,
+                "materialised": c1.misses - c0.misses, "evictions": c1.evictions - c0.evictions,
+            })
+            row += [item["groups_per_batch"], item["groups_on_cached_weights"], item["cache_hit_rate"],
+                    f"{c1.bytes / 2**20:.0f} MiB / {c1.entries}", item["materialised"]]
+        else:
+            row += ["", "", "", "", ""]
+        rows.append(row)
+        results.append(item)
+    return rows, results
+
+
+MIX_HEADERS = ["path", "images/s", "throughput vs plain", "groups per batch", "groups on cached weights",
+               "cache hit rate", "cache bytes / entries", "towers built"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="A,B")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--mixed-rounds", type=int, default=5, help="rounds of mixed traffic (0: none)")
     args = ap.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     payload, md = {}, []
+    mixes = summary_md = None
     for key in args.workloads.split(","):
         w = WORKLOADS[key]()
         rows, results = bench_workload(w, batches, args.repeats)
@@ -115,6 +223,26 @@ def main(argv=None) -> int:
                           "vs plain, channels_last"], rows)
         md.append(f"## Workload {w.name}\n\n{table}\n")
         print(f"\nWorkload {w.name}\n{table}", flush=True)
+        if args.mixed_rounds:
+            if mixes is None:
+                from bench.traffic import demo_mixes, mix_summary
+                demo = w if key == "B" else WORKLOADS["B"]()
+                mixes = demo_mixes(demo.engine())
+                ms = mix_summary(mixes)
+                payload["demo_mixes"] = ms
+                summary_md = (f"Demo traffic: {ms['requests']} held-out images, {ms['single_switch']:.1%} routed to one "
+                              f"switch, {ms['distinct']} distinct mixes ({ms['seen_once']} seen once), "
+                              f"{ms['groups_per_batch']:.1f} distinct mixes per batch of {ms['batch']}.")
+                md.append(summary_md + "\n")
+                print(summary_md)
+            per_round, warm = (10, 10) if key == "B" else (6, 4)
+            rows, results = bench_mixed(key, w, mixed_requests(key, w, mixes), 16, warm, args.mixed_rounds, per_round)
+            payload[key]["mixed_traffic"] = {"batch": 16, "warmup_batches": warm, "rounds": args.mixed_rounds,
+                                             "batches_per_round": per_round, "results": results}
+            what = "Auto-Switch on shuffled held-out demo images" if key == "B" else "explicit weights following the demo mixes"
+            table = md_table(MIX_HEADERS, rows)
+            md.append(f"### Mixed traffic, {what}, batches of 16\n\n{table}\n")
+            print(f"\nMixed traffic ({what})\n{table}", flush=True)
     write("perf-forward", payload, "# Forward paths\n\n" + "\n".join(md) + "\nRerun: `python -m bench.forward`.")
     return 0
 

@@ -35,8 +35,8 @@ class Workload:
 
     router_metric: str = "l2"
 
-    def engine(self, cache_bytes: int = 8 << 30, k: int = 10) -> Engine:
-        eng = Engine(self.backbone, k=k, cache_bytes=cache_bytes, router_metric=self.router_metric)
+    def engine(self, cache_bytes: int = 8 << 30, k: int = 10, **options) -> Engine:
+        eng = Engine(self.backbone, k=k, cache_bytes=cache_bytes, router_metric=self.router_metric, **options)
         for sw in self.switches.values():
             eng.add(sw)
         return eng

@@ -49,15 +49,15 @@ class Route:
 class Merged:
     """A cached combination: the tower running its weights, and those weights by name."""
 
-    module: torch.nn.Module
+    module: torch.nn.Module | None  # None where the mixed forward runs every batch
     params: dict[str, torch.Tensor]
     memo: dict  # tensors the mixed forward derives from the weights (folded convolutions)
 
 
 @dataclass
 class EngineStats:
-    batches_cached: int = 0  # one group, run on its cached tower
-    batches_mixed: int = 0  # one mixed forward
+    batches_cached: int = 0  # one group, on its cached weights
+    batches_mixed: int = 0  # several groups, or tensors merged just in time
     batches_grouped: int = 0  # one forward per group (towers the mixed forward does not support)
     groups_hot: int = 0  # groups served from a cached tower
     groups_cold: int = 0  # groups served with tensors merged just in time
@@ -97,6 +97,9 @@ class Engine:
                 self._stats.mixed_unsupported = reason
             else:
                 self.jit = JitMerge(backbone.params, self.mixed.order, scratch_bytes)
+                # the router pass runs the base weights through the mixed tower too, with its
+                # convolutions and norms folded once here
+                self._base_memo, _ = self.mixed.derived(backbone.params)
         else:
             self._stats.mixed_unsupported = "disabled"
         self._stats.mixed_forward = self.mixed is not None
@@ -202,7 +205,7 @@ class Engine:
         if auto:
             if len(self.router) == 0:
                 raise NotFound("no switch with query examples is loaded, so requests must name a task")
-            emb = self.backbone.forward(x if len(auto) == len(routes) else x[auto])
+            emb = self.embed(x if len(auto) == len(routes) else x[auto])
             for i, w in zip(auto, self.router.weights(emb.cpu())):
                 # The router may still hold a switch removed a moment ago: keep what is served.
                 w = {n: c for n, c in w.items() if n in switches}
@@ -211,19 +214,39 @@ class Engine:
                 out[i] = (Combination.of(w, hashes), "auto")
         return out  # type: ignore[return-value]
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Router embeddings (the pretrained encoder) of a preprocessed batch."""
+        if self.mixed is None:
+            return self.backbone.forward(x)
+        base = self.backbone.params
+
+        def fetch(g, names):
+            return tuple(base[n] if n else None for n in names)
+
+        with self._mixed_lock:
+            groups = mixed.Groups([(0, x.shape[0])], fetch, self.backbone.device, [self._base_memo])
+            return self.backbone.forward_mixed(x, self.mixed, groups)
+
     def materialise(self, combo: Combination, switches: dict[str, Switch]) -> tuple[Merged, int]:
-        """The merged tower of ``combo`` and the bytes it owns (the cache's unit)."""
+        """The merged weights of ``combo`` as the forward reads them, and the bytes they own (the
+        cache's unit): for the mixed forward, its tensors with convolutions and their norms
+        folded; otherwise a replica of the tower holding them."""
         t0 = time.perf_counter()
         base = self.backbone.params
         params = merged_params(base, [(switches[name], float(w)) for name, _, w in combo.terms])
-        module = self.backbone.replica(params)
-        memo = self.mixed.derived(params) if self.mixed is not None else {}
+        if self.mixed is not None:
+            memo, replaced = self.mixed.derived(params)
+            params = {n: t for n, t in params.items() if n not in replaced}
+            merged = Merged(None, params, memo)
+        else:
+            memo = {}
+            merged = Merged(self.backbone.replica(params), params, memo)
         if self.backbone.device.type == "cuda":
             torch.cuda.synchronize()
         if self.on_materialise:
             self.on_materialise(time.perf_counter() - t0)
         derived = sum(t.numel() * t.element_size() for pair in memo.values() for t in pair if t is not None)
-        return Merged(module, params, memo), owned_bytes(params, base) + derived
+        return merged, owned_bytes(params, base) + derived
 
     def stats(self) -> EngineStats:
         with self._stats_lock:
@@ -277,7 +300,7 @@ class Engine:
         return feats
 
     def _one_pass(self, x: torch.Tensor, groups: dict[Combination, list[int]], switches) -> torch.Tensor:
-        """The cached tower of a lone hot group, else one mixed forward for the whole batch."""
+        """One mixed forward for the whole batch (a lone group runs every operation whole)."""
         with ExitStack() as stack:
             sources: list[Merged | None] = []
             for combo in groups:
@@ -285,10 +308,10 @@ class Engine:
                 sources.append(stack.enter_context(self.cache.lease(combo, make)))
             hot = sum(s is not None for s in sources)
             self._count(groups_hot=hot, groups_cold=len(sources) - hot, rows=x.shape[0])
-            if len(groups) == 1 and sources[0] is not None:
+            if len(groups) == 1 and hot:
                 self._count(batches_cached=1)
-                return self.backbone.forward(x, sources[0].module)
-            self._count(batches_mixed=1)
+            else:
+                self._count(batches_mixed=1)
             order = [i for idx in groups.values() for i in idx]
             spans, start = [], 0
             for idx in groups.values():

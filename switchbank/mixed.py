@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,24 +150,23 @@ class MixedConv(_Op):
         self.stride, self.dilation, self.groups = mod.stride, mod.dilation, mod.groups
         self.padding = mod.padding
         self.kernel = tuple(mod.kernel_size)
-        self.plain = (lambda x, w, b: _conv2d_same(x, w, b, mod.stride, mod.padding, mod.dilation, mod.groups)) \
-            if same else mod._conv_forward
+        self.plain = self._same if same else mod._conv_forward
         self.pointwise = (not same and self.kernel == (1, 1) and tuple(self.stride) == (1, 1) and self.groups == 1
                           and tuple(self.padding) == (0, 0) and mod.padding_mode == "zeros")
         self.bn: MixedBatchNorm | None = None
+        self._pad: dict = {}
 
     def forward(self, x):
-        g, ts = self.tensors()
-        bn_ts = g.tensors(self.bn.names) if self.bn is not None else None
-        if len(ts) == 1 and (bn_ts is None or len(bn_ts) == 1):
-            return self.plain(x, *ts[0])
         if self.bn is not None:
-            ts = self.bn.fold(g, ts, bn_ts, id(self))
+            g, ts = self.active.groups, self.bn.fold(self)
+        else:
+            g, ts = self.tensors()
+        if len(ts) == 1:
+            return self.plain(x, *ts[0])
         if self.pointwise and x.is_contiguous(memory_format=torch.channels_last):
             return _linear_rows(g, ts, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         if self.same:
-            from timm.layers.padding import pad_same
-            x = pad_same(x, self.kernel, self.stride, self.dilation)
+            x = pad_same(x, self.kernel, self.stride, self.dilation, self._pad)
             padding = 0
         else:
             padding = self.padding
@@ -175,6 +175,43 @@ class MixedConv(_Op):
         if x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
+
+
+    def _same(self, x, w, b):
+        return F.conv2d(pad_same(x, self.kernel, self.stride, self.dilation, self._pad), w, b, self.stride, 0,
+                        self.dilation, self.groups)
+
+
+PAD_KEEP_BYTES = 64 << 20  # padded buffers up to this size are kept between calls
+
+
+def pad_same(x: torch.Tensor, kernel, stride, dilation, keep: dict | None = None) -> torch.Tensor:
+    """TensorFlow's "SAME" padding, as timm's Conv2dSame applies it, with one copy of ``x``.
+
+    F.pad zeroes a fresh output and then copies the interior. Here the padded buffer of the last
+    shape is kept in ``keep`` (the caller's, used by one forward at a time): its border is zero
+    from the first call on, so each later call only copies the interior.
+    """
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads.append((total // 2, total - total // 2))
+    (t, b), (left, r) = pads
+    if not (t or b or left or r):
+        return x
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    shape = (n, c, h + t + b, w + left + r)
+    key = (shape, x.dtype, x.device, fmt)
+    out = keep.get(key) if keep is not None else None
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+        if keep is not None:
+            keep.clear()
+            if out.numel() * out.element_size() <= PAD_KEEP_BYTES:
+                keep[key] = out
+    out[:, :, t:t + h, left:left + w] = x
+    return out
 
 
 class MixedBatchNorm(_Op):
@@ -195,18 +232,20 @@ class MixedBatchNorm(_Op):
         scale = [t[0] * self.inv for t in ts]
         return scale, [t[1] - self.mean * s for t, s in zip(ts, scale)]
 
-    def fold(self, g: Groups, conv_ts: list[tuple], ts: list[tuple], key: int) -> list[tuple]:
-        """Per group: the convolution's (weight, bias) with this norm's affine part folded in."""
+    def fold(self, conv: MixedConv) -> list[tuple]:
+        """Per group, ``conv``'s (weight, bias) with this norm's affine part folded in: from the
+        group's memo (a cached tower's are computed when it is built), else computed now."""
+        g = self.active.groups
         if self.active.record is not None:
-            self.active.record.append(self.names)
-        n = len(g.spans)
-        conv_ts = conv_ts * n if len(conv_ts) == 1 else conv_ts
-        ts = ts * n if len(ts) == 1 else ts
+            self.active.record.extend((conv.names, self.names))
+        key = id(conv)
         out = []
-        for memo, (w, b), t in zip(g.memo, conv_ts, ts):
+        for i, memo in enumerate(g.memo):
             hit = memo.get(key)
             if hit is None:
-                hit = memo[key] = fold(w, b, t[0], t[1], self.mean, self.inv)
+                w, b = g.fetch(i, conv.names)
+                gamma, beta = g.fetch(i, self.names)
+                hit = memo[key] = fold(w, b, gamma, beta, self.mean, self.inv)
             out.append(hit)
         self.folded = True
         return out
@@ -333,11 +372,6 @@ def _conv_kind(mod: nn.Conv2d) -> bool | None:
     return True if type(mod) is Conv2dSame else None
 
 
-def _conv2d_same(x, w, b, stride, padding, dilation, groups):
-    from timm.layers.conv2d_same import conv2d_same
-    return conv2d_same(x, w, b, stride, padding, dilation, groups)
-
-
 def _layer_norm_kind(mod) -> bool | None:
     """False for a LayerNorm computing in its input's dtype, True for open_clip's LayerNormFp32,
     None for anything else."""
@@ -447,15 +481,17 @@ class MixedTower:
         for conv, bn in self.pairs:
             conv.bn = bn if on else None
 
-    def derived(self, params: dict[str, torch.Tensor]) -> dict:
-        """The folded convolutions of a cached tower's weights (a Groups memo for its group)."""
-        memo = {}
+    def derived(self, params: dict[str, torch.Tensor]) -> tuple[dict, set[str]]:
+        """The folded convolutions of a cached tower's weights (a Groups memo for its group), and
+        the names of the tensors they replace, which a cached tower need not keep."""
+        memo, replaced = {}, set()
         for conv, bn in self.pairs:
             if conv.bn is bn:
                 w, b = (params[n] if n else None for n in conv.names)
                 gamma, beta = (params[n] for n in bn.names)
                 memo[id(conv)] = fold(w, b, gamma, beta, bn.mean, bn.inv)
-        return memo
+                replaced.update(n for n in (*conv.names, *bn.names) if n)
+        return memo, replaced
 
 
 def _names(mod: nn.Module) -> set[str]:
