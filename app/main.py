@@ -39,7 +39,9 @@ def _load(settings: Settings) -> tuple[Bank, Engine]:
     except (SwitchBankError, OSError, RuntimeError) as exc:
         raise StartupError(f"cannot load the backbone (SWITCHBANK_ARCH={settings.arch}, "
                            f"SWITCHBANK_WEIGHTS={settings.weights}): {exc}") from None
-    engine = Engine(backbone, k=settings.k, cache_bytes=settings.cache_bytes, router_metric=settings.router_metric)
+    engine = Engine(backbone, k=settings.k, cache_bytes=settings.cache_bytes, router_metric=settings.router_metric,
+                    hot_after=settings.hot_after, mixed_forward=settings.mixed_forward,
+                    scratch_bytes=settings.scratch_bytes)
     engine.sync(bank)
     return bank, engine
 

@@ -30,7 +30,20 @@ class _EngineCollector:
             c = CounterMetricFamily(f"switchbank_{name}", doc)
             c.add_metric([], value)
             yield c
+        e = engine.stats()
         for name, value, doc in (
+            ("batches_cached", e.batches_cached, "batches of one combination run on its cached weights"),
+            ("batches_mixed", e.batches_mixed, "batches run as one mixed forward"),
+            ("batches_grouped", e.batches_grouped,
+             "batches run as one forward per combination (towers the mixed forward does not support)"),
+            ("groups_hot", e.groups_hot, "combinations in a batch served from cached weights"),
+            ("groups_cold", e.groups_cold, "combinations in a batch served with weights merged just in time"),
+        ):
+            c = CounterMetricFamily(f"switchbank_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        for name, value, doc in (
+            ("mixed_forward", int(e.mixed_forward), "1 if the tower runs mixed batches in one forward, else 0"),
             ("cache_bytes", s.bytes, "bytes held by cached combinations"),
             ("cache_capacity_bytes", s.capacity_bytes, "delta cache budget"),
             ("cache_entries", s.entries, "cached combinations"),

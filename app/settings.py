@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     batch_size: int = Field(16, ge=1, le=1024, description="largest micro-batch")
     batch_wait_ms: float = Field(4.0, ge=0, le=1000, description="how long a micro-batch waits to fill")
     cache_bytes: int = Field(2 << 30, ge=1 << 20, description="delta cache budget in bytes")
+    hot_after: int = Field(2, ge=0, le=1000, description=(
+        "a combination gets a cached merged tower once it has appeared in this many recent batches "
+        "(1: on first use; 0: never, every batch merges just in time)"))
+    mixed_forward: bool = Field(True, description=(
+        "run batches that need several combinations in one mixed forward (off: one forward per combination)"))
+    scratch_bytes: int = Field(256 << 20, ge=1 << 20, description=(
+        "scratch memory for weights merged just in time for combinations without a cached tower"))
     queue_limit: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")
     upload_limit: int = Field(512 << 20, ge=1024, description="largest admin upload in bytes")
     body_limit: int = Field(32 << 20, ge=1024, description="largest predict request body in bytes")

@@ -144,18 +144,17 @@ def wait_ready(port: int, proc, timeout: float = 120) -> None:
     raise TimeoutError("server not ready")
 
 
-def demo_traffic(n: int, per_task: int, seed: int = 0) -> list[tuple[bytes, dict]]:
-    """n (png bytes, form fields) requests over every demo task's test images: half name their
-    task, half are left to Auto-Switch."""
-    import io
+def demo_traffic(n: int, per_task: int | None = None, seed: int = 0, named: float = 0.5) -> list[tuple[bytes, dict]]:
+    """n (png bytes, form fields) requests: the held-out test images of every demo task, shuffled
+    (bench/traffic.py) and taken in turn, at most ``per_task`` of each task; a share ``named`` of
+    them name their task, the rest are left to Auto-Switch."""
     import random
 
-    from demo.tasks import LOADERS, load
+    from bench.traffic import demo_pngs
     rng = random.Random(seed)
-    pool = []
-    for name in LOADERS:
-        for im in load(name).test[:per_task]:
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            pool.append((name, buf.getvalue()))
-    return [(png, {"task": t} if rng.random() < 0.5 else {}) for t, png in (rng.choice(pool) for _ in range(n))]
+    pool, taken = [], {}
+    for task, png in demo_pngs():
+        if per_task is None or taken.get(task, 0) < per_task:
+            taken[task] = taken.get(task, 0) + 1
+            pool.append((task, png))
+    return [(png, {"task": t} if rng.random() < named else {}) for t, png in (pool[i % len(pool)] for i in range(n))]

@@ -3,8 +3,8 @@
     python -m bench.http [--clients 1,8,32] [--requests 400] [--seconds 60] [--rounds 7]
 
 Starts the real server on the demo bank (workload B) in a subprocess, then for each concurrency
-sends a bounded number of requests (bounded in time too): a mix of named-task and Auto-Switch
-requests over every task's test images. Reports requests/s, p50/p95/p99 latency and the cache hit
+sends a bounded number of requests (bounded in time too): the held-out test images of all six demo
+tasks, shuffled, half of them naming their task and half left to Auto-Switch. Reports requests/s, p50/p95/p99 latency and the cache hit
 rate, against the in-process engine on the same traffic (decode + preprocess + engine.run in
 batches of the server's batch size, no HTTP), run inside the server process on its own engine
 (see bench/served.py) just before and just after each HTTP run.
@@ -26,7 +26,7 @@ from bench.common import ROOT, demo_traffic, free_port, md_table, start_server, 
 TOKEN = "bench-token"
 
 
-PER_TASK = 40  # test images per demo task in the traffic
+PER_TASK = None  # every held-out test image of every demo task, shuffled (bench/traffic.py)
 
 
 def start(port: int):
@@ -141,6 +141,12 @@ def main(argv=None) -> int:
                 after_rps = in_process(url, args.requests)
                 lookups = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
                 r["cache_hit_rate"] = (after["hits"] - before["hits"]) / lookups if lookups else None
+                e0, e1 = before["engine"], after["engine"]
+                hot, cold = e1["groups_hot"] - e0["groups_hot"], e1["groups_cold"] - e0["groups_cold"]
+                batches = sum(e1[k] - e0[k] for k in ("batches_cached", "batches_mixed", "batches_grouped"))
+                r["groups_per_batch"] = (hot + cold) / batches if batches else None
+                r["groups_on_cached_weights"] = hot / (hot + cold) if hot + cold else None
+                r["cache_bytes"] = after["bytes"]
                 r["in_process_rps"] = math.sqrt(before_rps * after_rps)
                 r["vs_in_process"] = r["rps"] / r["in_process_rps"]
                 runs.append(r)
@@ -149,17 +155,19 @@ def main(argv=None) -> int:
             r = dict(sorted(runs, key=lambda p: p["vs_in_process"])[len(runs) // 2], clients=c, rounds=runs)
             results.append(r)  # the median run
             rows.append([c, r["requests"], r["rps"], r["p50_ms"], r["p95_ms"], r["p99_ms"], r["errors"],
-                         r["cache_hit_rate"], r["in_process_rps"], r["vs_in_process"],
+                         r["groups_per_batch"], r["groups_on_cached_weights"], r["cache_hit_rate"],
+                         f"{r['cache_bytes'] / 2**20:.0f} MiB", r["in_process_rps"], r["vs_in_process"],
                          f"{ratios[0]:.3f}-{ratios[-1]:.3f}", len(runs)])
             print(rows[-1], flush=True)
     finally:
         proc.terminate()
         proc.wait(30)
-    table = md_table(["clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "cache hit rate",
-                      "in-process req/s", "x in-process", "range", "runs"], rows)
+    table = md_table(["clients", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors", "groups per batch",
+                      "groups on cached weights", "cache hit rate", "cache bytes", "in-process req/s",
+                      "x in-process", "range", "runs"], rows)
     print(table)
     write("perf-http", {"results": results},
-          f"# HTTP end to end (demo bank, mixed-task traffic, loopback)\n\n{table}\n\n"
+          f"# HTTP end to end (demo bank, shuffled held-out images of all six tasks, half Auto-Switch, loopback)\n\n{table}\n\n"
           "Each HTTP run is compared with the in-process engine on the same traffic (decode, preprocess "
           "and engine.run in batches of the server's size, no HTTP), run inside the server process on "
           "its own engine just before and just after it (geometric mean). At the highest concurrency "

@@ -168,7 +168,7 @@ def soak(seconds: float = 180, concurrency: int = 8) -> dict:
     proc = start(bank, port)
     wait_ready(port, proc)
     url = f"http://127.0.0.1:{port}"
-    reqs = demo_traffic(60, per_task=10)
+    reqs = demo_traffic(240)  # shuffled held-out images of all six tasks
     with httpx.Client(base_url=url, timeout=30) as c:
         expected = [c.post("/v1/predict", files={"image": ("i.png", p)}, data=f).json() for p, f in reqs]
     key = lambda r: (r["head"], r["weights"], [x["label"] for x in r["predictions"]])  # noqa: E731

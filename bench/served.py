@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     async def in_process(request: Request) -> dict:
         """Body {"requests": n, "per_task": k, "seed": s}: the same traffic the benchmark sends."""
         spec = await request.json()
-        key = (int(spec["requests"]), int(spec["per_task"]), int(spec.get("seed", 0)))
+        per_task = spec.get("per_task")
+        key = (int(spec["requests"]), None if per_task is None else int(per_task), int(spec.get("seed", 0)))
         if key not in traffic:
             traffic[key] = demo_traffic(*key)
         state = request.app.state

@@ -4,12 +4,12 @@ A mixed forward (mixed.py) asks for each group's tensors operation by operation,
 recorded when the mixed tower was built. For a group without a cached tower, this module merges
 theta0 + sum_t w_t tau_t for one *segment* of consecutive operations (about ``segment_bytes`` of
 weights; a larger operation is a segment of its own) when the forward first needs it, into that
-group's slot of a scratch buffer that is reused from segment to segment and batch to batch. The
-operation then reads the weights it has just written while they are still in the processor's
-cache. So a combination that is not hot costs one merge of the tower per batch, spread over the
-forward, and at most ``budget`` bytes of scratch, never a tower-sized allocation or cache entry.
-When the batch has more cold groups than the budget holds slots, groups share slots and a segment
-is merged again when its slot was taken meanwhile (slower, never wrong).
+group's slot of a scratch buffer that is reused from segment to segment and batch to batch, so
+the operations read weights written moments before rather than a whole merged tower. A
+combination that is not hot costs one merge of the tower per batch, spread over the forward, and
+at most ``budget`` bytes of scratch, never a tower-sized allocation or cache entry.
+An operation reads every group's tensors before it runs, so each cold group has a slot of its own;
+groups beyond what the budget holds merge into fresh tensors instead (one segment each at a time).
 
 On fp32 CPU towers the fused kernel writes straight into the scratch buffer; elsewhere (GPU,
 fp16/bf16) each segment is merged with torch ops into fresh tensors, which the device's caching
@@ -58,23 +58,24 @@ class JitMerge:
                               default=0)
         self._scratch: torch.Tensor | None = None
         self.groups: list[list] = []
-        self._owner: list[tuple[int, int] | None] = []
+        self._slots = 0
+        self._segment: list[int] = []  # per group, the segment its merged tensors belong to
         self._merged: list[dict[str, torch.Tensor]] = []
         self.merges = 0  # segment merges done (for tests and benchmarks)
 
     def begin(self, groups: list[Weighted]) -> None:
         """Start a batch whose cold groups have these weighted switches."""
         self.groups = [[(sw, float(w)) for sw, w in g if float(w) != 0.0] for g in groups]
-        slot_bytes = max(1, self.slot_elems * 4)
-        n = max(1, min(len(self.groups), self.budget // slot_bytes)) if self.groups else 0
-        self._owner = [None] * n
-        self._merged = [{} for _ in range(n)]
+        n = min(len(self.groups), self.budget // max(1, self.slot_elems * 4))
+        self._slots = n
+        self._segment = [-1] * len(self.groups)
+        self._merged = [{} for _ in self.groups]
         if self.fused and n and (self._scratch is None or self._scratch.numel() < n * self.slot_elems):
             self._scratch = None  # free the old buffer before taking the new one
             self._scratch = torch.empty(n * self.slot_elems, dtype=torch.float32)
 
     def end(self) -> None:
-        self.groups, self._owner, self._merged = [], [], []
+        self.groups, self._segment, self._merged = [], [], []
 
     def get(self, g: int, names: tuple) -> tuple:
         """Group g's merged tensors for ``names`` (None stays None)."""
@@ -82,32 +83,36 @@ class JitMerge:
         if not real:
             return tuple(None for _ in names)
         seg = self.segment_of[real[0]]
-        slot = g % len(self._owner)
-        if self._owner[slot] != (g, seg):
-            self._owner[slot] = None
-            self._merged[slot] = self._merge(g, seg, slot)
-            self._owner[slot] = (g, seg)
-        merged = self._merged[slot]
+        if self._segment[g] != seg:
+            self._segment[g] = -1
+            self._merged[g] = {}  # release this group's previous segment first
+            self._merged[g] = self._merge(g, seg)
+            self._segment[g] = seg
+        merged = self._merged[g]
         return tuple(merged.get(n, self.base[n]) if n else None for n in names)
 
-    def _merge(self, g: int, seg: int, slot: int) -> dict[str, torch.Tensor]:
+    def _merge(self, g: int, seg: int) -> dict[str, torch.Tensor]:
         self.merges += 1
         weighted = self.groups[g]
         names = self.segments[seg]
         if not self.fused:
             sub = {n: self.base[n] for n in names}
             return {n: t for n, t in merged_params(sub, weighted, kernel=False).items() if t is not sub[n]}
-        return self._merge_fused(names, weighted, slot * self.slot_elems, self._starts[seg])
+        if g < self._slots:
+            return self._merge_fused(names, weighted, self._scratch, g * self.slot_elems, self._starts[seg])
+        fresh = torch.empty(self.slot_elems, dtype=torch.float32)
+        return self._merge_fused(names, weighted, fresh, 0, self._starts[seg])
 
-    def _merge_fused(self, names: list[str], weighted: list, base_offset: int, starts: dict) -> dict[str, torch.Tensor]:
-        """One kernel call writing the group's merged tensors into its scratch slot."""
+    def _merge_fused(self, names: list[str], weighted: list, buffer: torch.Tensor, base_offset: int,
+                     starts: dict) -> dict[str, torch.Tensor]:
+        """One kernel call writing the group's merged tensors into ``buffer`` from ``base_offset``."""
         maps = [sw.entry_map() for sw, _ in weighted]
         touched = [n for n in names if any((e := m.get(n)) is not None and _contributes(e) for m in maps)]
         slot = {n: i for i, n in enumerate(touched)}
         outs = []
         for n in touched:
             lo = base_offset + starts[n]
-            outs.append(self._scratch[lo:lo + self.base[n].numel()])
+            outs.append(buffer[lo:lo + self.base[n].numel()])
         terms = []
         for (sw, w), emap in zip(weighted, maps):
             idx, offset, coef = [], [], []

@@ -15,6 +15,7 @@ from switchbank.format import to_bytes
 from switchbank.types import Head
 
 ARCH = "switchbank-tiny-vit"
+ROOT_DEMO_BANK = Path(__file__).resolve().parents[1] / "demo" / "bank"
 
 
 def pretrained_model_state() -> dict[str, torch.Tensor]:

@@ -91,6 +91,7 @@ async def describe_switch(name: str, request: Request):
     return info
 
 
-@router.get("/cache", summary="Delta cache statistics")
+@router.get("/cache", summary="Delta cache and engine statistics")
 async def cache_stats(request: Request):
-    return asdict(request.app.state.engine.cache.stats())
+    engine = request.app.state.engine
+    return {**asdict(engine.cache.stats()), "engine": asdict(engine.stats())}

@@ -151,8 +151,10 @@ def test_metrics(client):
     text = client.get("/metrics").text
     for name in ("switchbank_requests_total", "switchbank_request_seconds_bucket", "switchbank_batch_size_bucket",
                  "switchbank_cache_hits_total", "switchbank_cache_misses_total", "switchbank_cache_evictions_total",
-                 "switchbank_cache_bytes", "switchbank_materialise_seconds_bucket", "switchbank_queue_depth"):
+                 "switchbank_cache_bytes", "switchbank_materialise_seconds_bucket", "switchbank_queue_depth",
+                 "switchbank_batches_mixed_total", "switchbank_groups_cold_total"):
         assert name in text
+    assert "switchbank_mixed_forward 1.0" in text
     assert TOKEN not in text
 
 
