@@ -40,16 +40,21 @@ STATUS = [
 ]
 
 
+def status_of(exc: SwitchBankError) -> int:
+    return next(code for cls, code in STATUS if isinstance(exc, cls))
+
+
 def _answer(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
     rid = getattr(request.state, "request_id", None)
+    if rid:  # also set here: a 500 is sent from outside the middleware that adds it otherwise
+        headers = {**(headers or {}), "X-Request-Id": rid}
     return JSONResponse({"error": message, "request_id": rid}, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(SwitchBankError)
     async def _domain(request: Request, exc: SwitchBankError):
-        status = next(code for cls, code in STATUS if isinstance(exc, cls))
-        return _answer(request, status, str(exc))
+        return _answer(request, status_of(exc), str(exc))
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):

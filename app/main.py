@@ -67,6 +67,7 @@ async def lifespan(app: FastAPI):
                                  queue_limit=s.queue_limit, timeout_s=s.request_timeout,
                                  on_batch=state.metrics.batch_size.observe)
     state.batcher.start()
+    state.decode_slots = asyncio.Semaphore(s.decode_concurrency)
     watcher = asyncio.create_task(_watch_bank(app))
     state.ready = True
     log.info("ready: %d switches, bank generation %d, device %s", len(state.engine.switches),

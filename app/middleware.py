@@ -9,6 +9,8 @@ import re
 import time
 import uuid
 
+from starlette.requests import ClientDisconnect
+
 from .errors import BodyTimeout, BodyTooLarge
 
 log = logging.getLogger("switchbank.access")
@@ -37,13 +39,18 @@ class RequestContext:
         declared = headers.get(b"content-length")
         too_large = declared is not None and declared.isdigit() and int(declared) > limit
         seen, body_done = 0, False
+        deadline = time.monotonic() + self.settings.body_timeout
 
         async def limited_receive():
             nonlocal seen, body_done
             if body_done:  # after the body, receive() only waits for a disconnect: no deadline
                 return await receive()
-            try:  # a client that trickles its body cannot hold the request open forever
-                message = await asyncio.wait_for(receive(), self.settings.body_timeout)
+            # one deadline for the whole body, however it is trickled
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                message = await asyncio.wait_for(receive(), left)
             except asyncio.TimeoutError:
                 raise BodyTimeout(self.settings.body_timeout) from None
             if message["type"] == "http.request":
@@ -57,7 +64,8 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                if not any(k.lower() == b"x-request-id" for k, _ in message["headers"]):
+                    message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
             await send(message)
 
         t0 = time.perf_counter()
@@ -67,6 +75,9 @@ class RequestContext:
                                                      "request_id": rid})
             else:
                 await self.app(scope, limited_receive, send_with_id)
+        except ClientDisconnect:
+            # the client went away mid-request: nobody to answer, nothing wrong with the server
+            status["code"] = 499
         finally:
             dt = time.perf_counter() - t0
             route = _route_label(path)

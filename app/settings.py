@@ -42,7 +42,12 @@ class Settings(BaseSettings):
     sync_seconds: float = Field(2.0, gt=0, description="how often to look for bank changes made by other replicas")
     drain_seconds: int = Field(30, ge=0, description="how long shutdown waits for in-flight requests")
     request_timeout: float = Field(60.0, gt=0, description="a request waiting longer than this gets 503")
-    body_timeout: float = Field(30.0, gt=0, description="longest wait for the next chunk of a request body (408)")
+    body_timeout: float = Field(30.0, gt=0, description="the whole request body must arrive within this many seconds (408)")
+    header_timeout: float = Field(10.0, gt=0, description=(
+        "a connection must send a request's complete headers within this many seconds of opening or of "
+        "its previous answer, or it is closed"))
+    max_connections: int = Field(512, ge=1, description="open connections and requests beyond this get 503")
+    decode_concurrency: int = Field(2, ge=1, le=64, description="images decoded at once (bounds their memory)")
 
     @field_validator("dtype")
     @classmethod

@@ -118,7 +118,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bank: Path, port: int, *, entry: tuple[str, ...] = ("switchbank.cli", "serve"), **env):
+def start_server(bank: Path, port: int, *, entry: tuple[str, ...] = ("app.cli", "serve"), **env):
     """``switchbank serve`` (or ``python -m *entry``) in a subprocess; ``env`` sets SWITCHBANK_*
     settings (admin_token=...)."""
     import subprocess

@@ -22,7 +22,7 @@ from app.imaging import decode
 from app.main import create_app
 from app.settings import Settings
 from bench.common import demo_traffic
-from switchbank.cli import server
+from app.serve import server
 from switchbank.engine import Route
 
 

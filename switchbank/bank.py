@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Conflict, CorruptSwitch, InvalidInput, NotFound, SwitchBankError
-from .format import from_bytes, read_switch
+from .format import Layout, from_bytes, read_layout, read_switch
 from .types import Switch
 
 MANIFEST = "manifest.json"
@@ -145,15 +145,17 @@ class Bank:
             return m.generation, out
         raise SwitchBankError("the bank kept changing while being read")
 
-    def add(self, data: bytes, *, replace: bool = False,
-            validate: Callable[[Switch], None] | None = None) -> tuple[Switch, bool]:
+    def add(self, data: bytes, *, replace: bool = False, validate: Callable[[Switch], None] | None = None,
+            check: Callable[[Layout], None] | None = None) -> tuple[Switch, bool]:
         """Verify and store a switch file's bytes. Returns (switch, changed).
 
-        An identical file under the same name changes nothing; a different one is a Conflict
-        unless ``replace``. Nothing on disk changes unless every check passes.
+        ``check(layout)`` runs on the declared layout before anything is decoded, ``validate(switch)``
+        on the decoded switch. An identical file under the same name changes nothing; a different
+        one is a Conflict unless ``replace``. Nothing on disk changes unless every check passes.
         """
-        sw = from_bytes(data)
-        check_name(sw.name)
+        layout = read_layout(data)
+        check_name(layout.meta["name"])
+        sw = from_bytes(data, check)
         if validate:
             validate(sw)
         fname = f"{sw.name}.{sw.content_hash.split(':')[-1][:16]}.safetensors"

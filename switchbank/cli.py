@@ -1,4 +1,4 @@
-"""Command line: ``switchbank build | inspect | bank | serve``."""
+"""Command line: ``switchbank build | inspect | bank`` (the service adds ``serve``, see app/cli.py)."""
 
 from __future__ import annotations
 
@@ -120,36 +120,8 @@ def cmd_bank(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    import os
-    for key in ("bank", "arch", "weights", "device", "dtype"):
-        val = getattr(args, key)
-        if val is not None:
-            os.environ[f"SWITCHBANK_{key.upper()}"] = str(val)
-    from app.main import create_app
-    from app.settings import Settings
-    settings = Settings()
-    server(create_app(settings), settings, args.host, args.port).run()
-    return 0
-
-
-def server(app, settings, host: str, port: int):
-    """The uvicorn server ``switchbank serve`` runs: draining on SIGTERM, readiness false meanwhile."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            # Readiness goes false the moment draining starts, so load balancers stop sending.
-            app.state.ready = False
-            app.state.not_ready_reason = "draining"
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(app, host=host, port=port, log_config=None,
-                            timeout_graceful_shutdown=settings.drain_seconds, timeout_keep_alive=5)
-    return Server(config)
-
-
-def parser() -> argparse.ArgumentParser:
+def parser(extend=None) -> argparse.ArgumentParser:
+    """The command-line parser; ``extend(subparsers)`` may add commands (the service adds serve)."""
     p = argparse.ArgumentParser(prog="switchbank", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -188,21 +160,14 @@ def parser() -> argparse.ArgumentParser:
     ks.add_parser("list").add_argument("dir")
     k.set_defaults(func=cmd_bank)
 
-    s = sub.add_parser("serve", help="run the HTTP server (settings also from SWITCHBANK_* variables)")
-    s.add_argument("--bank", help="bank directory")
-    s.add_argument("--arch", help="open_clip architecture of the backbone")
-    s.add_argument("--weights", help="pretrained backbone weights")
-    s.add_argument("--device", help="cpu, cuda, cuda:N or auto")
-    s.add_argument("--dtype", help="float32, float16 or bfloat16")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.set_defaults(func=cmd_serve)
+    if extend is not None:
+        extend(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extend=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parser().parse_args(argv)
+    args = parser(extend).parse_args(argv)
     try:
         return args.func(args)
     except SwitchBankError as exc:

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from . import fused
-from .errors import Incompatible
 from .packing import ternary
 from .types import Switch
 
@@ -29,19 +28,6 @@ def switch_delta(sw: Switch, name: str, dtype: torch.dtype = torch.float32) -> t
         return None
     bits = ternary(sw.mask[e.offset:e.offset + e.nbytes], sw.pos[e.offset:e.offset + e.nbytes], e.numel, dtype)
     return (bits * e.scale).reshape(e.shape)
-
-
-def check_against(sw: Switch, base: dict[str, torch.Tensor]) -> None:
-    """Raise Incompatible unless every tensor of the switch exists in ``base`` with its shape."""
-    for e in sw.entries:
-        t = base.get(e.name)
-        if t is None:
-            raise Incompatible(f"switch {sw.name!r} has tensor {e.name!r}, which the backbone lacks")
-        if tuple(t.shape) != e.shape:
-            raise Incompatible(f"switch {sw.name!r} tensor {e.name!r} has shape {e.shape}, backbone {tuple(t.shape)}")
-    for name, v in sw.dense.items():
-        if name not in base or base[name].shape != v.shape:
-            raise Incompatible(f"switch {sw.name!r} has 0-dim tensor {name!r}, which the backbone lacks")
 
 
 CHUNK = 1 << 24  # elements decoded at once: bounds the int8 scratch to 16 MiB

@@ -27,7 +27,7 @@ from . import fused, mixed
 from .backbone import Backbone
 from .bank import Bank
 from .cache import DeltaCache
-from .combine import check_against, merged_params, owned_bytes
+from .combine import merged_params, owned_bytes
 from .errors import Incompatible, InvalidInput, NotFound
 from .hot import HotSet
 from .jit import DEFAULT_BUDGET, JitMerge
@@ -117,24 +117,42 @@ class Engine:
         with self._lock:
             return dict(self._switches)
 
+    def check_layout(self, layout) -> None:
+        """Raise unless a switch file's declared layout fits this backbone (before it is decoded)."""
+        meta = layout.meta
+        self._fits(meta["name"], meta["backbone_fingerprint"], layout.shapes(),
+                   [k[len("dense."):] for k in layout.table if k.startswith("dense.")],
+                   layout.dim("head.weight", 1), layout.dim("queries", 1), meta.get("router_fingerprint"))
+
     def validate(self, sw: Switch) -> None:
         """Raise unless ``sw`` can run on this backbone (fingerprint, shapes, head, queries)."""
+        self._fits(sw.name, sw.backbone_fingerprint, {e.name: e.shape for e in sw.entries}, list(sw.dense),
+                   None if sw.head is None else sw.head.weight.shape[1],
+                   None if sw.queries is None else sw.queries.shape[1], sw.router_fingerprint)
+
+    def _fits(self, name, fingerprint, shapes, dense, head_dim, query_dim, router_fingerprint) -> None:
         b = self.backbone
-        if sw.backbone_fingerprint != b.fingerprint:
-            raise Incompatible(
-                f"switch {sw.name!r} was built for backbone {sw.backbone_fingerprint[:19]}..., "
-                f"this server runs {b.fingerprint[:19]}... ({b.arch})"
-            )
-        check_against(sw, b.params)
-        if sw.head is None:
-            raise Incompatible(f"switch {sw.name!r} has no classification head; build it with --head")
-        if sw.head.weight.shape[1] != b.embed_dim:
-            raise Incompatible(f"switch {sw.name!r} head expects {sw.head.weight.shape[1]}-d embeddings, backbone gives {b.embed_dim}")
-        if sw.queries is not None:
-            if sw.router_fingerprint != b.fingerprint:
-                raise Incompatible(f"switch {sw.name!r} query embeddings come from another encoder ({sw.router_fingerprint})")
-            if sw.queries.shape[1] != b.embed_dim:
-                raise Incompatible(f"switch {sw.name!r} query embeddings are {sw.queries.shape[1]}-d, router is {b.embed_dim}-d")
+        if fingerprint != b.fingerprint:
+            raise Incompatible(f"switch {name!r} was built for backbone {fingerprint[:19]}..., "
+                               f"this server runs {b.fingerprint[:19]}... ({b.arch})")
+        for tensor, shape in shapes.items():
+            t = b.params.get(tensor)
+            if t is None:
+                raise Incompatible(f"switch {name!r} has tensor {tensor!r}, which the backbone lacks")
+            if tuple(t.shape) != tuple(shape):
+                raise Incompatible(f"switch {name!r} tensor {tensor!r} has shape {tuple(shape)}, backbone {tuple(t.shape)}")
+        for tensor in dense:
+            if tensor not in b.params or b.params[tensor].dim() != 0:
+                raise Incompatible(f"switch {name!r} has 0-dim tensor {tensor!r}, which the backbone lacks")
+        if head_dim is None:
+            raise Incompatible(f"switch {name!r} has no classification head; build it with --head")
+        if head_dim != b.embed_dim:
+            raise Incompatible(f"switch {name!r} head expects {head_dim}-d embeddings, backbone gives {b.embed_dim}")
+        if query_dim is not None:
+            if router_fingerprint != b.fingerprint:
+                raise Incompatible(f"switch {name!r} query embeddings come from another encoder ({router_fingerprint})")
+            if query_dim != b.embed_dim:
+                raise Incompatible(f"switch {name!r} query embeddings are {query_dim}-d, router is {b.embed_dim}-d")
 
     def add(self, sw: Switch) -> None:
         """Serve ``sw`` (replacing a switch of the same name); cached merges that used the old one go."""

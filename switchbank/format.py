@@ -1,15 +1,25 @@
 """The switch file: safetensors tensors plus one JSON metadata entry. Documented in docs/format.md.
 
-Reading checks everything before anything is used: header bounds (truncation), that it is a
-switchbank file of a known version, the content hash over metadata and tensor bytes (corruption
-and tampering), and that the bit buffers agree with the tensor index.
+Every field of a file is treated as hostile until checked, and checked before anything is
+allocated for it: header bounds (truncation, the header cap), that it is a switchbank file of a
+version this build reads, every metadata field's type and range, and the tensor table (dtypes,
+shapes, and the bit buffers' sizes against the tensor index) from the header alone. A caller can
+check the layout against its backbone at that point too, before a byte is decoded. Then the content
+hash over metadata and tensor bytes (corruption and tampering), then decoding, with every float
+(scales, head, query embeddings) required to be finite.
+
+Version 2 stores query embeddings as float16 (half the bytes; routing reads them as float32).
+Version 1 files (float32 queries) still load.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +33,13 @@ from .packing import compact_to_dense, dense_to_compact, pack_bits, packed_len, 
 from .types import Head, Switch, TensorEntry
 
 FORMAT = "switchbank-switch"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 META_KEY = "switchbank"
 MAX_HEADER = 64 << 20
+MAX_NUMEL = 1 << 31  # elements in one switched tensor (the largest towers have about 10^8)
+MAX_TEXT = 256  # characters in a name, class name, architecture or fingerprint
+QUERY_DTYPE = {1: torch.float32, 2: torch.float16}
 
 
 def _canonical(meta: dict[str, Any]) -> bytes:
@@ -89,7 +103,7 @@ def _tensors_and_meta(sw: Switch) -> tuple[dict[str, torch.Tensor], dict[str, An
         meta["classes"] = list(sw.head.classes)
         meta["head_normalize"] = bool(sw.head.normalize)
     if sw.queries is not None:
-        tensors["queries"] = sw.queries.detach().cpu().to(torch.float32).contiguous()
+        tensors["queries"] = sw.queries.detach().cpu().to(QUERY_DTYPE[VERSION]).contiguous()
     return tensors, meta
 
 
@@ -113,113 +127,257 @@ def write_switch(sw: Switch, path: str | Path) -> int:
     return len(data)
 
 
-def _read_header(data: bytes) -> dict[str, Any]:
+def _header(data) -> tuple[dict[str, Any], int]:
+    """The safetensors header of ``data`` (bytes, or the first bytes of a file) and its length."""
     if len(data) < 8:
         raise CorruptSwitch(f"file is {len(data)} bytes: too short to be a switch file (truncated?)")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > MAX_HEADER or 8 + n > len(data):
+    (n,) = struct.unpack("<Q", bytes(data[:8]))
+    if n > MAX_HEADER:
+        raise CorruptSwitch(f"header declares {n:,} bytes; switch headers are limited to {MAX_HEADER:,} bytes")
+    if 8 + n > len(data):
         raise CorruptSwitch("header runs past the end of the file: truncated or not a safetensors file")
     try:
-        header = json.loads(data[8:8 + n])
-    except ValueError as exc:
-        raise CorruptSwitch(f"header is not valid JSON: not a safetensors switch file ({exc})") from None
+        header = json.loads(bytes(data[8:8 + n]))
+    except (ValueError, RecursionError) as exc:
+        raise CorruptSwitch(f"header is not valid JSON: not a safetensors switch file ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise CorruptSwitch("header is not a JSON object: not a safetensors file")
-    ends = [v["data_offsets"][1] for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
-    if 8 + n + max(ends, default=0) != len(data):
-        raise CorruptSwitch(
-            f"file is {len(data)} bytes but its header describes {8 + n + max(ends, default=0)}: truncated or padded"
-        )
-    return header
+    return header, n
 
 
-def read_meta(data: bytes) -> dict[str, Any]:
-    """The switch metadata, checked for format and version (no tensor is decoded)."""
-    header = _read_header(data)
-    raw = (header.get("__metadata__") or {}).get(META_KEY)
+def _meta(header: dict[str, Any]) -> dict[str, Any]:
+    raw = (header.get("__metadata__") or {}).get(META_KEY) if isinstance(header.get("__metadata__"), dict) else None
     if raw is None:
         raise CorruptSwitch("safetensors file without switchbank metadata: not a switch file")
     try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise CorruptSwitch("switchbank metadata is not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        meta = json.loads(raw) if isinstance(raw, str) else None
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise CorruptSwitch("switchbank metadata is not a JSON object")
+    if meta.get("format") != FORMAT:
         raise CorruptSwitch(f"metadata does not declare format {FORMAT!r}: not a switch file")
-    if meta.get("version") != VERSION:
-        raise CorruptSwitch(f"switch format version {meta.get('version')!r} is not supported (this build reads {VERSION})")
+    if meta.get("version") not in READS:
+        raise CorruptSwitch(f"switch format version {meta.get('version')!r} is not supported (this build reads "
+                            f"{', '.join(map(str, READS))})")
     return meta
 
 
-def from_bytes(data: bytes) -> Switch:
-    """Parse and fully verify a switch file's bytes."""
-    meta = read_meta(data)
+def _text(meta, key: str, optional: bool = False) -> None:
+    v = meta.get(key)
+    if v is None and optional:
+        return
+    if not isinstance(v, str) or not v or len(v) > MAX_TEXT:
+        raise CorruptSwitch(f"metadata field {key!r} must be a non-empty string of at most {MAX_TEXT} characters")
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_meta(meta: dict[str, Any]) -> None:
+    """Every metadata field's type and range; CorruptSwitch naming the first bad field."""
+    _text(meta, "name")
+    alpha = meta.get("alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or not 0 <= alpha < 1:
+        raise CorruptSwitch("metadata field 'alpha' must be a number in [0, 1)")
+    _text(meta, "arch", optional=True)
+    _text(meta, "backbone_fingerprint")
+    _text(meta, "router_fingerprint", optional=True)
+    _text(meta, "content_hash")
+    rows = meta.get("tensors")
+    if not isinstance(rows, list):
+        raise CorruptSwitch("metadata field 'tensors' must be a list")
+    names = set()
+    for i, row in enumerate(rows):
+        where = f"metadata field 'tensors'[{i}]"
+        if not isinstance(row, list) or len(row) not in (3, 5):
+            raise CorruptSwitch(f"{where} must be [name, shape, kept] or [name, shape, kept, k, unary_bits]")
+        name, shape, kept, *rice = row
+        if not isinstance(name, str) or not name or len(name) > 1024 or name in names:
+            raise CorruptSwitch(f"{where}: tensor name must be a unique non-empty string")
+        names.add(name)
+        if not isinstance(shape, list) or not shape or len(shape) > 8 or not all(_int(d) and 0 <= d for d in shape):
+            raise CorruptSwitch(f"{where} ({name!r}): shape must be a list of 1 to 8 non-negative integers")
+        numel = math.prod(shape)
+        if numel > MAX_NUMEL:
+            raise CorruptSwitch(f"{where} ({name!r}): {numel:,} elements; a switched tensor holds at most {MAX_NUMEL:,}")
+        if not _int(kept) or not 0 <= kept <= numel:
+            raise CorruptSwitch(f"{where} ({name!r}): kept must be an integer between 0 and {numel}")
+        if rice and not (_int(rice[0]) and 0 <= rice[0] < 32 and _int(rice[1]) and 0 <= rice[1] <= numel + kept):
+            raise CorruptSwitch(f"{where} ({name!r}): bad Rice code parameters")
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) and len(c) <= MAX_TEXT
+                                                                          for c in classes)):
+        raise CorruptSwitch(f"metadata field 'classes' must be a list of strings of at most {MAX_TEXT} characters")
+    if meta.get("head_normalize") not in (None, True, False):
+        raise CorruptSwitch("metadata field 'head_normalize' must be true, false or null")
+    buffers = meta.get("buffers_differing")
+    if buffers is not None and (not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers)):
+        raise CorruptSwitch("metadata field 'buffers_differing' must be a list of strings")
+
+
+_DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16}
+
+
+def _table(header: dict[str, Any], meta: dict[str, Any], size: int | None) -> dict[str, tuple[torch.dtype, tuple, tuple]]:
+    """The tensor table from the header, checked against the metadata: key -> (dtype, shape,
+    (start, end)) with offsets from the start of the data section."""
+    table = {}
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(v, dict) and v.get("dtype") in _DTYPES and isinstance(v.get("shape"), list)
+              and all(_int(d) and d >= 0 for d in v["shape"]) and isinstance(v.get("data_offsets"), list)
+              and len(v["data_offsets"]) == 2 and all(_int(o) and o >= 0 for o in v["data_offsets"]))
+        if not ok:
+            raise CorruptSwitch(f"tensor {key[:64]!r}: malformed entry in the safetensors header")
+        dtype, shape, (start, end) = _DTYPES[v["dtype"]], tuple(v["shape"]), v["data_offsets"]
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise CorruptSwitch(f"tensor {key[:64]!r}: its byte range does not match its shape")
+        table[key] = (dtype, shape, (start, end))
+    if size is not None and max((e for _, _, (_, e) in table.values()), default=0) != size:
+        raise CorruptSwitch(f"tensor data is {size:,} bytes but the header describes "
+                            f"{max((e for _, _, (_, e) in table.values()), default=0):,}: truncated or padded")
+    rows = meta["tensors"]
+    mask_len = sum(rice_len(r[2], r[3], r[4]) if len(r) == 5 else packed_len(math.prod(r[1])) for r in rows)
+    sign_len = sum(packed_len(r[2]) for r in rows)
+    want = {"mask": (torch.uint8, (mask_len,)), "sign": (torch.uint8, (sign_len,)), "scale": (torch.float32, (len(rows),))}
+    for key, (dtype, shape) in want.items():
+        got = table.get(key)
+        if got is None or got[:2] != (dtype, shape):
+            raise CorruptSwitch(f"tensor {key!r} must be {dtype} of shape {list(shape)} to match the tensor index, "
+                                f"found {'nothing' if got is None else f'{got[0]} of shape {list(got[1])}'}")
+    classes = meta.get("classes")
+    head = table.get("head.weight")
+    if head is not None:
+        if head[0] != torch.float32 or len(head[1]) != 2 or head[1][0] < 1 or head[1][1] < 1:
+            raise CorruptSwitch("tensor 'head.weight' must be float32 [classes, dim]")
+        if not isinstance(classes, list) or len(classes) != head[1][0]:
+            raise CorruptSwitch(f"metadata field 'classes' must name the head's {head[1][0]} classes")
+        if meta.get("head_normalize") is None:
+            raise CorruptSwitch("metadata field 'head_normalize' must be true or false for a head")
+        bias = table.get("head.bias")
+        if bias is not None and bias[:2] != (torch.float32, (head[1][0],)):
+            raise CorruptSwitch(f"tensor 'head.bias' must be float32 [{head[1][0]}]")
+    elif "head.bias" in table:
+        raise CorruptSwitch("tensor 'head.bias' without 'head.weight'")
+    queries = table.get("queries")
+    if queries is not None:
+        qdtype = QUERY_DTYPE[meta["version"]]
+        if queries[0] != qdtype or len(queries[1]) != 2 or queries[1][0] < 1 or queries[1][1] < 1:
+            raise CorruptSwitch(f"tensor 'queries' must be {qdtype} [n, dim] with n >= 1")
+        if not meta.get("router_fingerprint"):
+            raise CorruptSwitch("query embeddings need metadata field 'router_fingerprint'")
+    for key, (dtype, shape, _) in table.items():
+        if key.startswith("dense."):
+            if dtype != torch.float32 or shape:
+                raise CorruptSwitch(f"tensor {key[:64]!r} must be a 0-dim float32")
+        elif key not in ("mask", "sign", "scale", "head.weight", "head.bias", "queries"):
+            raise CorruptSwitch(f"unexpected tensor {key[:64]!r} in a switch file")
+    return table
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a switch file declares, checked, before anything is decoded: its metadata and its
+    tensor table (key -> (dtype, shape, byte range in the data section))."""
+
+    meta: dict[str, Any]
+    table: dict[str, tuple]
+    data_start: int  # byte offset of the data section in the file
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Switched tensor name -> shape, from the index."""
+        return {r[0]: tuple(r[1]) for r in self.meta["tensors"]}
+
+    def dim(self, key: str, axis: int) -> int | None:
+        entry = self.table.get(key)
+        return None if entry is None else entry[1][axis]
+
+
+def read_layout(data) -> Layout:
+    """The checked layout of a switch file's bytes."""
+    header, n = _header(data)
+    meta = _meta(header)
+    check_meta(meta)
+    return Layout(meta, _table(header, meta, len(data) - 8 - n), 8 + n)
+
+
+def read_meta(data: bytes) -> dict[str, Any]:
+    """The switch metadata, checked (no tensor is decoded)."""
+    return read_layout(data).meta
+
+
+def from_bytes(data: bytes, check: Callable[[Layout], None] | None = None) -> Switch:
+    """Parse and fully verify a switch file's bytes. ``check(layout)`` runs before any decoding
+    (a server checks names and shapes against its backbone there)."""
+    layout = read_layout(data)
+    if check is not None:
+        check(layout)
     try:
         tensors = st_load(data)
-    except Exception as exc:
-        raise CorruptSwitch(f"tensor data is unreadable: {exc}") from None
-    if meta.get("content_hash") != content_hash(meta, tensors):
+    except Exception:
+        raise CorruptSwitch("tensor data is unreadable") from None
+    meta = layout.meta
+    if meta["content_hash"] != content_hash(meta, tensors):
         raise CorruptSwitch("content hash mismatch: the file was corrupted or modified after it was written")
-    try:
-        return _assemble(meta, tensors)
-    except CorruptSwitch:
-        raise
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise CorruptSwitch(f"inconsistent switch file: {exc}") from None
+    sw = _light(meta, tensors)
+    sw.mask, sw.pos = decode_bits(meta, tensors["mask"].numpy(), tensors["sign"].numpy())
+    return sw
 
 
-def _assemble(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
-    for key, dtype in (("mask", torch.uint8), ("sign", torch.uint8), ("scale", torch.float32)):
-        if key not in tensors or tensors[key].dtype != dtype or tensors[key].dim() != 1:
-            raise CorruptSwitch(f"tensor {key!r} is missing or not a 1-D {dtype}")
-    mask, sign, scale = tensors["mask"].numpy(), tensors["sign"].numpy(), tensors["scale"]
-    index = meta["tensors"]
-    if len(index) != scale.numel():
-        raise CorruptSwitch(f"{len(index)} tensors indexed but {scale.numel()} scales stored")
-    entries, masks, poss, mo, so, dense_off = [], [], [], 0, 0, 0
-    for i, row in enumerate(index):
-        name, shape, kept, *rice = row
-        e = TensorEntry(str(name), tuple(int(d) for d in shape), int(kept), float(scale[i]), dense_off)
-        if not 0 <= e.kept <= e.numel or any(d < 0 for d in e.shape) or len(rice) not in (0, 2):
-            raise CorruptSwitch(f"tensor {e.name!r}: bad index entry")
-        mn = rice_len(e.kept, int(rice[0]), int(rice[1])) if rice else e.nbytes
-        sn = packed_len(e.kept)
-        if mo + mn > mask.size or so + sn > sign.size:
-            raise CorruptSwitch(f"tensor {e.name!r}: bits run past the end of the mask/sign buffers")
+def _finite(key: str, t: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise CorruptSwitch(f"tensor {key!r} contains NaN or infinite values")
+    return t
+
+
+def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
+    """A switch with everything but its bits: index, scales, head, queries, 0-dim deltas."""
+    scale = _finite("scale", tensors["scale"])
+    entries, offset = [], 0
+    for i, (name, shape, kept, *_) in enumerate(meta["tensors"]):
+        e = TensorEntry(name, tuple(shape), kept, float(scale[i]), offset)
+        entries.append(e)
+        offset += e.nbytes
+    head = None
+    if "head.weight" in tensors:
+        bias = tensors.get("head.bias")
+        head = Head(_finite("head.weight", tensors["head.weight"]), None if bias is None else _finite("head.bias", bias),
+                    list(meta["classes"]), bool(meta["head_normalize"]))
+    queries = tensors.get("queries")
+    if queries is not None:
+        queries = _finite("queries", queries.to(torch.float32))
+    payload = sum(tensors[k].numel() * tensors[k].element_size() for k in ("mask", "sign", "scale") if k in tensors)
+    return Switch(
+        name=meta["name"], alpha=float(meta["alpha"]), backbone_fingerprint=meta["backbone_fingerprint"],
+        entries=entries, mask=None, pos=None, payload_bytes=payload,
+        dense={k[len("dense."):]: _finite(k, v) for k, v in tensors.items() if k.startswith("dense.")},
+        head=head, queries=queries, router_fingerprint=meta.get("router_fingerprint"), arch=meta.get("arch"),
+        buffers_differing=list(meta.get("buffers_differing") or []), content_hash=meta["content_hash"],
+        format_version=meta["version"],
+    )
+
+
+def decode_bits(meta: dict[str, Any], mask: np.ndarray, sign: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense in-memory bit planes (mask, pos) from the file's mask and sign buffers."""
+    masks, poss, mo, so = [], [], 0, 0
+    for name, shape, kept, *rice in meta["tensors"]:
+        numel = math.prod(shape)
+        mn = rice_len(kept, rice[0], rice[1]) if rice else packed_len(numel)
+        sn = packed_len(kept)
         try:
             m = mask[mo:mo + mn]
             if rice:
-                m = pack_bits(rice_decode(m, e.numel, e.kept, int(rice[0]), int(rice[1])))
-            poss.append(compact_to_dense(m, sign[so:so + sn], e.numel, e.kept))
+                m = pack_bits(rice_decode(m, numel, kept, rice[0], rice[1]))
+            poss.append(compact_to_dense(m, sign[so:so + sn], numel, kept))
         except ValueError as exc:
-            raise CorruptSwitch(f"tensor {e.name!r}: {exc}") from None
+            raise CorruptSwitch(f"tensor {name!r}: {exc}") from None
         masks.append(m)
-        entries.append(e)
-        mo, so, dense_off = mo + mn, so + sn, dense_off + e.nbytes
-    if mo != mask.size or so != sign.size:
-        raise CorruptSwitch("mask/sign buffers are longer than the tensor index says")
-    head = None
-    if "head.weight" in tensors:
-        head = Head(tensors["head.weight"], tensors.get("head.bias"), list(meta["classes"]), bool(meta["head_normalize"]))
-    queries = tensors.get("queries")
-    if queries is not None and (queries.dim() != 2 or not meta.get("router_fingerprint")):
-        raise CorruptSwitch("query embeddings must be [n, dim] and carry the router fingerprint")
-    return Switch(
-        name=str(meta["name"]),
-        alpha=float(meta["alpha"]),
-        backbone_fingerprint=str(meta["backbone_fingerprint"]),
-        entries=entries,
-        mask=torch.from_numpy(np.concatenate(masks) if masks else np.zeros(0, np.uint8)),
-        pos=torch.from_numpy(np.concatenate(poss) if poss else np.zeros(0, np.uint8)),
-        payload_bytes=_payload(tensors),
-        dense={k[len("dense."):]: v for k, v in tensors.items() if k.startswith("dense.")},
-        head=head,
-        queries=queries,
-        router_fingerprint=meta.get("router_fingerprint"),
-        arch=meta.get("arch"),
-        buffers_differing=list(meta.get("buffers_differing") or []),
-        content_hash=str(meta["content_hash"]),
-    )
+        mo, so = mo + mn, so + sn
+    cat = (lambda parts: torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8)))
+    return cat(masks), cat(poss)
 
 
 def read_switch(path: str | Path) -> Switch:
@@ -234,6 +392,53 @@ def read_switch(path: str | Path) -> Switch:
         raise CorruptSwitch(f"{path}: {exc}") from None
 
 
+def read_light(path: str | Path) -> Switch:
+    """A switch without its bits (``mask`` and ``pos`` are None): the header, scales, head, query
+    embeddings and 0-dim deltas are read; the bit buffers are not. :func:`load_bits` reads and
+    checks the rest, against the content hash, when the switch is first needed."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            first = f.read(8)
+            if len(first) < 8:
+                raise CorruptSwitch("file is too short to be a switch file (truncated?)")
+            (n,) = struct.unpack("<Q", first)
+            if n > MAX_HEADER:
+                raise CorruptSwitch(f"header declares {n:,} bytes; switch headers are limited to {MAX_HEADER:,} bytes")
+            head = first + f.read(n)
+            header, _ = _header(head)
+            meta = _meta(header)
+            check_meta(meta)
+            size = path.stat().st_size - 8 - n
+            table = _table(header, meta, size)
+            tensors = {}
+            for key, (dtype, shape, (start, end)) in table.items():
+                if key in ("mask", "sign"):
+                    continue
+                f.seek(8 + n + start)
+                raw = f.read(end - start)
+                if len(raw) != end - start:
+                    raise CorruptSwitch("file is shorter than its header says (truncated?)")
+                tensors[key] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if raw else \
+                    torch.zeros(shape, dtype=dtype)
+    except OSError as exc:
+        raise CorruptSwitch(f"{path}: cannot read ({exc.strerror})") from None
+    except CorruptSwitch as exc:
+        raise CorruptSwitch(f"{path}: {exc}") from None
+    sw = _light(meta, tensors)
+    sw.source = path
+    return sw
+
+
+def load_bits(sw: Switch) -> None:
+    """Read and decode the bits of a switch from :func:`read_light`, checking the whole file against
+    the content hash it was listed with."""
+    whole = read_switch(sw.source)
+    if whole.content_hash != sw.content_hash:
+        raise CorruptSwitch(f"{sw.source}: the file changed since it was listed (content hash differs)")
+    sw.mask, sw.pos = whole.mask, whole.pos
+
+
 def describe(sw: Switch, file_bytes: int | None = None) -> dict[str, Any]:
     """The figures ``switchbank inspect`` and the API report for a switch."""
     n = sw.n_params
@@ -243,7 +448,7 @@ def describe(sw: Switch, file_bytes: int | None = None) -> dict[str, Any]:
     payload = sw.payload_bytes
     out: dict[str, Any] = {
         "name": sw.name,
-        "format_version": VERSION,
+        "format_version": sw.format_version,
         "alpha": sw.alpha,
         "arch": sw.arch,
         "parameters": n,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from fractions import Fraction
 from math import isfinite
+from pathlib import Path
 
 import torch
 
@@ -60,15 +61,17 @@ class Switch:
     """A task switch in its dense in-memory form (2 bits per switched parameter).
 
     ``mask`` and ``pos`` are uint8 buffers holding every tensor's bits back to back, each tensor
-    starting on a byte boundary (see packing.py). ``dense`` holds the exact deltas of 0-dim tensors.
+    starting on a byte boundary (see packing.py); both are None while a switch listed from a bank
+    has not had its bits loaded (``source`` is then its file). ``dense`` holds the exact deltas of
+    0-dim tensors.
     """
 
     name: str
     alpha: float
     backbone_fingerprint: str
     entries: list[TensorEntry]
-    mask: torch.Tensor
-    pos: torch.Tensor
+    mask: torch.Tensor | None
+    pos: torch.Tensor | None
     dense: dict[str, torch.Tensor] = field(default_factory=dict)
     head: Head | None = None
     queries: torch.Tensor | None = None
@@ -77,6 +80,12 @@ class Switch:
     buffers_differing: list[str] = field(default_factory=list)
     content_hash: str = ""
     payload_bytes: int = 0  # on-disk bytes of mask, sign and scale; set when written or read
+    format_version: int = 2
+    source: Path | None = None  # the file the bits are read from, for switches read lazily
+
+    @property
+    def loaded(self) -> bool:
+        return self.mask is not None
 
     @property
     def n_params(self) -> int:
@@ -91,13 +100,16 @@ class Switch:
 
     def to(self, device: torch.device | str) -> Switch:
         """Move the bit buffers (what materialisation reads) to ``device``; returns self."""
-        self.mask = self.mask.to(device)
-        self.pos = self.pos.to(device)
+        if self.mask is not None:
+            self.mask = self.mask.to(device)
+            self.pos = self.pos.to(device)
         self.dense = {k: v.to(device) for k, v in self.dense.items()}
         return self
 
     def resident_bytes(self) -> int:
         """Bytes the switch's bits and dense deltas occupy in memory."""
+        if self.mask is None:
+            return 0
         return (
             self.mask.numel() + self.pos.numel()
             + sum(v.numel() * v.element_size() for v in self.dense.values())

@@ -39,7 +39,7 @@ async def _store(request: Request, data: bytes, replace: bool, expect_name: str 
             if expect_name is not None and sw.name != expect_name:
                 raise InvalidInput(f"the file holds switch {sw.name!r}, not {expect_name!r}")
             state.engine.validate(sw)
-        sw, changed = state.bank.add(data, replace=replace, validate=validate)
+        sw, changed = state.bank.add(data, replace=replace, validate=validate, check=state.engine.check_layout)
         state.engine.sync(state.bank)
         return sw, changed
 

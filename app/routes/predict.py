@@ -13,9 +13,11 @@ from starlette.concurrency import run_in_threadpool
 
 from switchbank.engine import Result, Route
 
-from ..errors import BadRequest
+from switchbank.errors import SwitchBankError
+
+from ..errors import BadRequest, status_of
 from ..forms import content_type, form_file, read_form
-from ..imaging import decode
+from ..imaging import prepare
 from ..schemas import BatchJSON, BatchResponse, ErrorResponse, Label, PredictJSON, PredictOptions, Prediction, PredictResponse
 
 router = APIRouter(prefix="/v1", tags=["predict"])
@@ -35,15 +37,30 @@ PREDICT_BODY = {
 }
 
 
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors())
+FIELDS = ("image", "task", "weights", "top_k")
+MAX_WEIGHTS_CHARS = 16 << 10  # a weights field longer than this cannot be a sane {switch: weight} map
 
 
-def _b64(data: str) -> bytes:
+def _validation_message(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(map(str, e["loc"]))
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        parts.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip(': ')}{': ' if prefix else ''}{msg}")
+    return "; ".join(parts)
+
+
+def _b64(data: str, where: str = "image") -> bytes:
+    """Standard base64, with or without line breaks, optionally as a data: URL."""
+    if data.startswith("data:"):
+        head, sep, data = data.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise BadRequest(f"{where}: a data URL must be data:<type>;base64,<data>")
     try:
-        return base64.b64decode(data, validate=True)
+        return base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest("image is not valid base64") from None
+        raise BadRequest(f"{where} is not valid base64 (standard alphabet, padded; line breaks and a "
+                         "data:image/...;base64, prefix are accepted)") from None
 
 
 async def _read_json(request: Request, model):
@@ -52,6 +69,20 @@ async def _read_json(request: Request, model):
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise BadRequest(_validation_message(exc)) from None
+    except RecursionError:
+        raise BadRequest("JSON body is nested too deeply") from None
+
+
+def _weights_field(raw: str):
+    if len(raw) > MAX_WEIGHTS_CHARS:
+        raise BadRequest(f"weights is {len(raw)} characters; at most {MAX_WEIGHTS_CHARS} are accepted")
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise BadRequest('weights must be a JSON object {"switch": weight, ...}') from None
+    if not isinstance(value, dict):
+        raise BadRequest('weights must be a JSON object {"switch": weight, ...}')
+    return value
 
 
 async def _parse_single(request: Request) -> tuple[bytes, PredictOptions]:
@@ -61,13 +92,22 @@ async def _parse_single(request: Request) -> tuple[bytes, PredictOptions]:
         return _b64(req.image), req
     if ctype == "multipart/form-data":
         form = await read_form(request, max_files=1, max_fields=8)
+        seen: dict[str, int] = {}
+        for key, _ in form.multi_items():
+            seen[key] = seen.get(key, 0) + 1
+        unknown = sorted(set(seen) - set(FIELDS))
+        if unknown:
+            raise BadRequest(f"unknown form field {unknown[0]!r}; the fields are {', '.join(FIELDS)}")
+        repeated = sorted(k for k, n in seen.items() if n > 1)
+        if repeated:
+            raise BadRequest(f"form field {repeated[0]!r} is given {seen[repeated[0]]} times; give it once")
         upload = form_file(form, "image", "a file")
-        raw = {k: form.get(k) for k in ("task", "weights", "top_k") if form.get(k) not in (None, "")}
+        raw = {k: form.get(k) for k in ("task", "weights", "top_k") if form.get(k) is not None}
+        for k, v in raw.items():
+            if not isinstance(v, str):
+                raise BadRequest(f"form field {k!r} must be a plain value, not a file")
         if "weights" in raw:
-            try:
-                raw["weights"] = json.loads(raw["weights"])
-            except ValueError:
-                raise BadRequest("weights must be a JSON object {switch: weight}") from None
+            raw["weights"] = _weights_field(raw["weights"])
         try:
             opts = PredictOptions.model_validate(raw)
         except ValidationError as exc:
@@ -89,15 +129,12 @@ def _prediction(res: Result, top_k: int) -> Prediction:
 
 async def _classify(request: Request, data: bytes, opts: PredictOptions) -> Prediction:
     state = request.app.state
-    tensor = await run_in_threadpool(_preprocess, state, data)
+    async with state.decode_slots:  # bounds the memory and CPU that decoding can take at once
+        tensor = await run_in_threadpool(prepare, data, state.engine.backbone.preprocess,
+                                         state.settings.max_image_pixels)
     res = await state.batcher.submit(tensor, _route(opts))
     state.metrics.predictions.labels(res.mode).inc()
     return _prediction(res, opts.top_k)
-
-
-def _preprocess(state, data: bytes):
-    image = decode(data, state.settings.max_image_pixels)
-    return state.engine.backbone.preprocess(image)
 
 
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_BODY,
@@ -111,6 +148,17 @@ async def predict(request: Request) -> PredictResponse:
 BATCH_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": BatchJSON.model_json_schema()}}}}
 
 
+async def _item(request: Request, i: int, item) -> Prediction:
+    """One batch item; its errors name its index."""
+    try:
+        return await _classify(request, _b64(item.image, f"items[{i}].image"), item)
+    except BadRequest as exc:
+        exc.message = exc.message if exc.message.startswith(f"items[{i}]") else f"items[{i}]: {exc.message}"
+        raise
+    except SwitchBankError as exc:
+        raise BadRequest(f"items[{i}]: {exc}", status_of(exc)) from None
+
+
 @router.post("/predict/batch", response_model=BatchResponse, responses=ERRORS, openapi_extra=BATCH_BODY,
              summary="Classify several base64 images, each routed on its own")
 async def predict_batch(request: Request) -> BatchResponse:
@@ -120,6 +168,5 @@ async def predict_batch(request: Request) -> BatchResponse:
     limit = request.app.state.settings.batch_items
     if len(body.items) > limit:
         raise BadRequest(f"at most {limit} items per batch request, got {len(body.items)}", 413)
-    datas = [_b64(item.image) for item in body.items]
-    preds = await asyncio.gather(*(_classify(request, d, item) for d, item in zip(datas, body.items)))
+    preds = await asyncio.gather(*(_item(request, i, item) for i, item in enumerate(body.items)))
     return BatchResponse(request_id=request.state.request_id, results=list(preds))

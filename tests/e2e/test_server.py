@@ -29,7 +29,7 @@ def start_server(bank: Path, port: int, log_path: Path, **env) -> subprocess.Pop
                "SWITCHBANK_ADMIN_TOKEN": TOKEN, "SWITCHBANK_K": "5", "SWITCHBANK_SYNC_SECONDS": "0.5",
                **{f"SWITCHBANK_{k.upper()}": str(v) for k, v in env.items()}}
     log = open(log_path, "wb")
-    return subprocess.Popen([sys.executable, "-m", "switchbank.cli", "serve", "--bank", str(bank), "--port", str(port)],
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--bank", str(bank), "--port", str(port)],
                             env=environ, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 

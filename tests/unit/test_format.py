@@ -22,7 +22,7 @@ def test_round_trip_is_exact(switch):
     assert back.entries == switch.entries
     assert torch.equal(back.mask, switch.mask) and torch.equal(back.pos, switch.pos)
     assert torch.equal(back.head.weight, switch.head.weight) and back.head.classes == switch.head.classes
-    assert torch.equal(back.queries, switch.queries)
+    assert torch.equal(back.queries, switch.queries.half().float())  # stored as float16 since version 2
     assert back.dense.keys() == switch.dense.keys()
     assert to_bytes(back) == data  # deterministic bytes
 

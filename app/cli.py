@@ -1,0 +1,42 @@
+"""The ``switchbank`` command: the library's commands (build, inspect, bank) plus ``serve``, which
+runs this service. The library's own parser knows nothing of the service."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from switchbank import cli
+
+
+def add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="run the HTTP server (settings also from SWITCHBANK_* variables)")
+    s.add_argument("--bank", help="bank directory")
+    s.add_argument("--arch", help="open_clip architecture of the backbone")
+    s.add_argument("--weights", help="pretrained backbone weights")
+    s.add_argument("--device", help="cpu, cuda, cuda:N or auto")
+    s.add_argument("--dtype", help="float32, float16 or bfloat16")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(func=serve)
+
+
+def serve(args) -> int:
+    for key in ("bank", "arch", "weights", "device", "dtype"):
+        val = getattr(args, key)
+        if val is not None:
+            os.environ[f"SWITCHBANK_{key.upper()}"] = str(val)
+    from .main import create_app
+    from .serve import server
+    from .settings import Settings
+    settings = Settings()
+    server(create_app(settings), settings, args.host, args.port).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(argv, extend=add_serve)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
