@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -20,7 +22,7 @@ from .batching import MicroBatcher
 from .metrics import Metrics
 from .middleware import RequestContext
 from .routes import admin, health, predict, switches
-from .settings import Settings
+from .settings import DEFAULT_BANK, DEMO_COPY, Settings
 
 log = logging.getLogger("switchbank.app")
 
@@ -29,9 +31,25 @@ class StartupError(RuntimeError):
     """A setting or the bank is unusable; the message says what to fix."""
 
 
+def _bank_dir(settings: Settings) -> Path:
+    """The bank to serve: the bundled demo bank is copied once to var/demo-bank and served from
+    there, so that uploads and deletes never modify the repository's tracked files."""
+    path = Path(settings.bank)
+    if path.resolve() != DEFAULT_BANK.resolve():
+        return path
+    if not (DEMO_COPY / "manifest.json").is_file():
+        tmp = DEMO_COPY.with_name(DEMO_COPY.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(DEFAULT_BANK, tmp, ignore=shutil.ignore_patterns(".lock", ".tmp-*"))
+        shutil.rmtree(DEMO_COPY, ignore_errors=True)
+        tmp.rename(DEMO_COPY)
+        log.info("serving the bundled demo bank from a copy in %s", DEMO_COPY)
+    return DEMO_COPY
+
+
 def _load(settings: Settings) -> tuple[Bank, Engine]:
     try:
-        bank = Bank(settings.bank, create=settings.create_bank)
+        bank = Bank(_bank_dir(settings), create=settings.create_bank)
     except SwitchBankError as exc:
         raise StartupError(f"cannot open the bank (SWITCHBANK_BANK={settings.bank}): {exc}") from None
     try:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, field_validator, model_validator
 
 MAX_TOP_K = 100
+MAX_WEIGHT = 10.0  # explicit weights scale task vectors; far beyond 1 a merged tower stops meaning anything
 
 
 class PredictOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    task: str | None = Field(None, max_length=64, description="serve this switch (T-Switch)")
-    weights: dict[str, float] | None = Field(
-        None, max_length=256, description="explicit {switch: weight}; non-negative, not all zero")
+    task: str | None = Field(None, min_length=1, max_length=64,
+                             description="serve this switch (T-Switch); omit it for Auto-Switch")
+    weights: dict[str, Annotated[StrictFloat, Field(ge=0, le=MAX_WEIGHT)]] | None = Field(
+        None, max_length=256,
+        description=f"explicit {{switch: weight}}: each in [0, {MAX_WEIGHT:g}], not all zero, applied as given")
     top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="how many labels to return")
 
     @field_validator("weights")
@@ -25,8 +29,8 @@ class PredictOptions(BaseModel):
         if not v:
             raise ValueError("weights must name at least one switch")
         for name, w in v.items():
-            if not math.isfinite(w) or w < 0:
-                raise ValueError(f"weight for {name!r} must be a finite non-negative number")
+            if not math.isfinite(w) or not 0 <= w <= MAX_WEIGHT:
+                raise ValueError(f"weight for {name!r} must be a number between 0 and {MAX_WEIGHT:g}")
         if not any(w > 0 for w in v.values()):
             raise ValueError("weights must not all be zero")
         return v

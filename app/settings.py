@@ -9,12 +9,16 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BANK = Path(__file__).resolve().parent.parent / "demo" / "bank"
+# the bundled demo bank is served from a copy here, so admin changes never touch tracked files
+DEMO_COPY = Path(__file__).resolve().parent.parent / "var" / "demo-bank"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWITCHBANK_", env_file=".env", extra="ignore")
 
-    bank: Path = Field(DEFAULT_BANK, description="bank directory (created empty if missing and create_bank is set)")
+    bank: Path = Field(DEFAULT_BANK, description=(
+        "bank directory (created empty if missing and create_bank is set); the bundled demo bank is "
+        "served from a copy in var/demo-bank, made on first use"))
     create_bank: bool = Field(False, description="create an empty bank at `bank` if there is none")
     arch: str = Field("switchbank-efficientnet-lite0", description="open_clip architecture of the backbone")
     weights: Path | None = Field(None, description="pretrained backbone weights; the demo architecture finds its own")

@@ -32,14 +32,43 @@ def _read_tensor_file(path: str, key: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_head(args):
+def _load_head(args, queries):
     from .types import Head
     if not args.head:
         return None
     state = _read_tensor_file(args.head, "weight")
     weight = state["weight"].float()
     classes = _classes(args.classes, weight.shape[0])
-    return Head(weight, state.get("bias"), classes, normalize=not args.head_no_normalize)
+    head = Head(weight, state.get("bias"), classes)
+    mode = "no" if args.head_no_normalize else args.head_normalize
+    head.normalize = mode == "yes" if mode != "auto" else _normalize_fits(head, queries)
+    return head
+
+
+def _normalize_fits(head, queries) -> bool:
+    """Whether the head expects L2-normalised embeddings, judged on the query embeddings.
+
+    A head fitted on raw features gives near-uniform scores on normalised ones (their norm is 1
+    where raw features have norms in the tens), which labels right but scores meaninglessly. So:
+    normalise (the CLIP convention) unless that makes the head's median top-1 score near uniform.
+    """
+    if queries is None:
+        raise SwitchBankError("--head-normalize auto judges the head on the query embeddings; give --queries or "
+                              "--query-images, or say --head-normalize yes (heads on L2-normalised embeddings, "
+                              "such as CLIP zero-shot heads) or no (heads fitted on raw embeddings)")
+    import torch
+
+    def top1(f):
+        logits = f @ head.weight.T + (0 if head.bias is None else head.bias.float())
+        return float(logits.softmax(-1).max(-1).values.median())
+
+    raw, normed = top1(queries.float()), top1(torch.nn.functional.normalize(queries.float(), dim=-1))
+    uniform = 1 / head.weight.shape[0]
+    fits = normed > 1.5 * uniform
+    print(f"head: median top-1 score {normed:.3f} on normalised query embeddings, {raw:.3f} on raw ones "
+          f"(uniform {uniform:.3f}); {'normalising' if fits else 'not normalising'} embeddings before the head "
+          "(override with --head-normalize yes|no)", file=sys.stderr)
+    return fits
 
 
 def _load_queries(args, pretrained_tower):
@@ -68,7 +97,7 @@ def cmd_build(args) -> int:
     pre = image_tower(read_state_dict(args.pretrained))
     fin = image_tower(read_state_dict(args.finetuned))
     queries, router_fp = _load_queries(args, pre)
-    sw = build_switch(pre, fin, args.name, args.alpha, head=_load_head(args), queries=queries,
+    sw = build_switch(pre, fin, args.name, args.alpha, head=_load_head(args, queries), queries=queries,
                       router_fingerprint=router_fp, arch=args.arch, progress=not args.quiet)
     data = to_bytes(sw)
     out = Path(args.out)
@@ -134,7 +163,10 @@ def parser(extend=None) -> argparse.ArgumentParser:
     b.add_argument("--arch", help="open_clip architecture (recorded; needed for --query-images)")
     b.add_argument("--head", help="classification head file with 'weight' [classes, dim] and optional 'bias'")
     b.add_argument("--classes", help="class names: a file with one per line, or a comma-separated list")
-    b.add_argument("--head-no-normalize", action="store_true", help="do not L2-normalise embeddings before the head")
+    b.add_argument("--head-normalize", choices=("auto", "yes", "no"), default="auto",
+                   help="L2-normalise embeddings before the head: yes (CLIP zero-shot heads), no (heads fitted on "
+                        "raw embeddings), or auto (default): judged on the query embeddings")
+    b.add_argument("--head-no-normalize", action="store_true", help="same as --head-normalize no")
     b.add_argument("--queries", help="Auto-Switch query embeddings file with 'embeddings' [n, dim] from the pretrained encoder")
     b.add_argument("--query-images", help="folder of example images to encode as Auto-Switch queries")
     b.add_argument("--max-queries", type=int, default=100, help="at most this many query images (default 100)")

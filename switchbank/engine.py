@@ -296,6 +296,8 @@ class Engine:
             top = combo.top()
             head = switches[top].head
             logits = head_logits(head, feats[idx] if len(idx) < len(routes) else feats).cpu()
+            if not torch.isfinite(logits).all():
+                raise InvalidInput(f"the weights {combo.weights()} give non-finite scores; use smaller weights")
             probs = logits.softmax(-1)
             for row, i in enumerate(idx):
                 results[i] = Result(top, combo.weights(), resolved[i][1], probs[row], head.classes, logits[row])

@@ -76,7 +76,8 @@ def test_request_id_is_echoed(client):
 
 @pytest.mark.parametrize("kwargs,status,message", [
     ({"task": "nope"}, 404, "nope"),
-    ({"weights": {"red": -1}}, 422, "non-negative"),
+    ({"weights": {"red": -1}}, 422, "greater than or equal to 0"),
+    ({"weights": {"red": 11}}, 422, "less than or equal to 10"),
     ({"weights": {"red": 0}}, 422, "zero"),
     ({"weights": {"nope": 1}}, 404, "nope"),
     ({"top_k": 0}, 422, "top_k"),

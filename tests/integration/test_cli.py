@@ -76,3 +76,40 @@ def test_bank_commands(tmp_path, model_state):
     assert "generation 1" in run("bank", "list", tmp_path / "bank").stdout
     run("bank", "remove", tmp_path / "bank", "a")
     assert "generation 2" in run("bank", "list", tmp_path / "bank").stdout
+
+
+def test_head_normalisation_is_judged_on_the_queries(tmp_path, model_state):
+    pre = save(model_state, tmp_path / "pre.safetensors")
+    fin = save(finetune(visual(model_state), seed=6), tmp_path / "fin.safetensors")
+    g = torch.Generator().manual_seed(0)
+    raw = 20 * torch.randn(40, 32, generator=g)  # raw embeddings with norms in the tens
+    torch.save({"embeddings": raw}, tmp_path / "q.pt")
+    centres = raw[:4] / raw[:4].norm(dim=1, keepdim=True)
+    heads = {
+        # fitted on raw features: modest weights; on unit-norm features its scores are near uniform
+        "raw": {"weight": 0.05 * centres},
+        # a CLIP-style head: logit scale 100 on unit-norm features
+        "clip": {"weight": 100 * centres},
+    }
+    for kind, head in heads.items():
+        torch.save(head, tmp_path / f"{kind}.pt")
+        out = tmp_path / f"{kind}.switch"
+        p = run("build", "--pretrained", pre, "--finetuned", fin, "--name", kind, "--out", out, "--quiet",
+                "--head", tmp_path / f"{kind}.pt", "--queries", tmp_path / "q.pt")
+        assert "median top-1 score" in p.stderr
+        assert read_switch(out).head.normalize == (kind == "clip"), p.stderr
+    out = tmp_path / "forced.switch"
+    run("build", "--pretrained", pre, "--finetuned", fin, "--name", "forced", "--out", out, "--quiet",
+        "--head", tmp_path / "raw.pt", "--queries", tmp_path / "q.pt", "--head-normalize", "yes")
+    assert read_switch(out).head.normalize
+    p = run("build", "--pretrained", pre, "--finetuned", fin, "--name", "blind", "--out", tmp_path / "b.switch",
+            "--quiet", "--head", tmp_path / "raw.pt", check=False)
+    assert p.returncode == 2 and "--head-normalize" in p.stderr
+
+
+def test_library_never_imports_the_service():
+    code = ("import sys, switchbank, switchbank.cli, switchbank.engine, switchbank.bank, switchbank.mixed; "
+            "bad = sorted(m for m in sys.modules if m == 'app' or m.startswith('app.') or m.startswith('fastapi')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
