@@ -1,9 +1,10 @@
-"""Crash consistency, overload and soak against the real server on loopback (bounded in time).
+"""Crash consistency, overload, soak and limits against the real server on loopback (bounded in time).
 
     python -m bench.reliability crash --rounds 30
     python -m bench.reliability overload
     python -m bench.reliability soak --seconds 180
-    python -m bench.reliability all          # all three, then bench/results/reliability.md
+    python -m bench.reliability limits       # peak memory of the worst images; slow and idle clients
+    python -m bench.reliability all          # all four, then bench/results/reliability.md
 
 Runs on a copy of the demo bank. Every load loop is bounded in requests and seconds.
 """
@@ -235,6 +236,140 @@ def soak(seconds: float = 180, concurrency: int = 8) -> dict:
             "cache_bytes_after_deletes": cache_after["bytes"], "cache_entries_after_deletes": cache_after["entries"]}
 
 
+# --- limits ---------------------------------------------------------------------------------------
+def worst_images() -> dict[str, bytes]:
+    """The most expensive images a client can send within the default limits (40 MP, 32 MiB body)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def save(im, fmt, **kw):
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    side = 6324  # 39.99 MP
+    rng = np.random.default_rng(0)
+    rgba = np.zeros((side, side, 4), np.uint8)
+    rgba[:64, :64] = rng.integers(0, 255, (64, 64, 4), dtype=np.uint8)
+    grey16 = np.zeros((side, side), np.uint16)
+    grey16[:64, :64] = rng.integers(0, 65535, (64, 64), dtype=np.uint16)
+    floats = np.zeros((side, side), np.float32)
+    floats[:64, :64] = rng.random((64, 64), dtype=np.float32)
+    strip = rng.integers(0, 255, (1, 100_000, 3), dtype=np.uint8)
+    return {
+        "40 MP RGBA PNG (transparency laid on white)": save(Image.fromarray(rgba, "RGBA"), "PNG"),
+        "40 MP 16-bit greyscale PNG": save(Image.fromarray(grey16), "PNG"),
+        "40 MP float32 TIFF, deflate": save(Image.fromarray(floats, "F"), "TIFF", compression="tiff_adobe_deflate"),
+        "40 MP JPEG with EXIF rotation": save(Image.fromarray(rgba[..., :3]), "JPEG",
+                                             exif=_rotated_exif()),
+        "100000 x 1 PNG strip": save(Image.fromarray(strip), "PNG"),
+        "400 x 100000 PNG strip": save(Image.fromarray(np.zeros((100_000, 400, 3), np.uint8)), "PNG"),
+    }
+
+
+def _rotated_exif():
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return exif
+
+
+def _hwm(pid: int) -> int:
+    """Peak resident memory of a process so far (VmHWM), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def image_memory() -> list[dict]:
+    """Per image, a fresh server: peak resident memory after a warm-up request, then after the image."""
+    out = []
+    for what, data in worst_images().items():
+        port = free_port()
+        proc = start(ROOT / "demo" / "bank", port)
+        wait_ready(port, proc)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            small = demo_traffic(1)[0][0]
+            httpx.post(f"{url}/v1/predict", files={"image": ("i.png", small)}, data={"task": "mnist"}, timeout=60)
+            before = _hwm(proc.pid)
+            t0 = time.perf_counter()
+            r = httpx.post(f"{url}/v1/predict", files={"image": ("i", data)}, data={"task": "mnist"}, timeout=120)
+            seconds = time.perf_counter() - t0
+            out.append({"image": what, "bytes": len(data), "status": r.status_code, "seconds": seconds,
+                        "peak_rss_mb": _hwm(proc.pid) / 2**20, "peak_before_mb": before / 2**20})
+            print(out[-1], flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return out
+
+
+def _cut_after(port: int, send: bytes, every: float, limit: float, first: bytes = b"") -> float | None:
+    """Seconds until the server closes a connection that sends ``first`` at once, then ``send`` a
+    byte every ``every`` s."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(first)
+        s.settimeout(0.1)
+        t0, i, nxt = time.monotonic(), 0, 0.0
+        while time.monotonic() - t0 < limit:
+            now = time.monotonic() - t0
+            if i < len(send) and now >= nxt:
+                try:
+                    s.sendall(send[i:i + 1])
+                except OSError:
+                    return now
+                i, nxt = i + 1, now + every
+            try:
+                data = s.recv(65536)
+                if not data or b" 408 " in data:
+                    return time.monotonic() - t0
+            except TimeoutError:
+                continue
+            except OSError:
+                return time.monotonic() - t0
+    return None
+
+
+def slow_clients() -> dict:
+    """Time until the server cuts off an idle connection, headers sent at 1 byte/s and a body sent at
+    1 byte/s, with the default deadlines; and whether a real client is served meanwhile."""
+    import socket
+    port = free_port()
+    proc = start(ROOT / "demo" / "bank", port)
+    wait_ready(port, proc)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        body = b"x" * 1000
+        post = (f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(200)]
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/v1/predict", files={"image": ("i.png", demo_traffic(1)[0][0])}, timeout=60)
+        served = {"status": r.status_code, "seconds": time.perf_counter() - t0}
+        out = {
+            "idle_connection_cut_s": _cut_after(port, b"", 1.0, 60),
+            "headers_at_1_byte_per_s_cut_s": _cut_after(port, b"GET /livez HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 100,
+                                                        1.0, 60),
+            "request_with_200_idle_connections_open": served,
+        }
+        out["body_at_1_byte_per_s_answered_408_s"] = _cut_after(port, body, 1.0, 90, first=post)
+        for s in idle:
+            s.close()
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def limits() -> dict:
+    return {"images": image_memory(), "slow_clients": slow_clients()}
+
+
 def report(results: dict) -> None:
     lines = ["# Reliability", ""]
     if "crash" in results:
@@ -263,6 +398,22 @@ def report(results: dict) -> None:
                   "uploaded switches: every cached merge that used them was dropped; what remains are merges of the "
                   "six demo switches that Auto-Switch traffic used.", "",
                   f"Reproduce: `python -m bench.reliability soak --seconds {s['seconds']:.0f}`", ""]
+    if "limits" in results:
+        li = results["limits"]
+        rows = "\n".join(f"| {i['image']} | {i['bytes'] / 2**20:.2f} MiB | {i['status']} | {i['seconds']:.2f} s | "
+                         f"{i['peak_before_mb']:.0f} MB | {i['peak_rss_mb']:.0f} MB |" for i in li["images"])
+        sc = li["slow_clients"]
+        lines += ["## Limits", "",
+                  "The most expensive images within the default limits (40 MP decoded, 32 MiB body), each sent to a "
+                  "fresh server after one small warm-up request; peak resident memory of the server process (VmHWM):", "",
+                  "| image | file | status | time | peak before | peak after |", "|---|---|---|---|---|---|", rows, "",
+                  "Slow and idle clients, default deadlines (headers 10 s, whole body 30 s): an idle connection was "
+                  f"closed after {sc['idle_connection_cut_s']:.1f} s, headers sent at 1 byte/s after "
+                  f"{sc['headers_at_1_byte_per_s_cut_s']:.1f} s, and a body sent at 1 byte/s was answered 408 after "
+                  f"{sc['body_at_1_byte_per_s_answered_408_s']:.1f} s. With 200 idle connections open, a real request "
+                  f"was answered {sc['request_with_200_idle_connections_open']['status']} in "
+                  f"{sc['request_with_200_idle_connections_open']['seconds']:.2f} s.", "",
+                  "Reproduce: `python -m bench.reliability limits`", ""]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reliability.md").write_text("\n".join(lines))
     (RESULTS / "reliability.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -270,7 +421,7 @@ def report(results: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["crash", "overload", "soak", "all"])
+    ap.add_argument("what", choices=["crash", "overload", "soak", "limits", "all"])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--seconds", type=float, default=180)
     args = ap.parse_args(argv)
@@ -284,6 +435,9 @@ def main(argv=None) -> int:
     if args.what in ("soak", "all"):
         results["soak"] = soak(args.seconds)
         print("soak:", results["soak"], flush=True)
+    if args.what in ("limits", "all"):
+        results["limits"] = limits()
+        print("limits:", results["limits"], flush=True)
     if args.what == "all":
         report(results)
     return 0
