@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from switchbank.errors import (CheckpointError, Conflict, CorruptSwitch, Incompatible, InvalidInput, NotFound,
+                               Unavailable,
                                SwitchBankError)
 
 log = logging.getLogger("switchbank.app")
@@ -35,7 +36,7 @@ class BadRequest(Exception):
 
 
 STATUS = [
-    (NotFound, 404), (Conflict, 409), (InvalidInput, 422), (Incompatible, 422),
+    (NotFound, 404), (Conflict, 409), (InvalidInput, 422), (Incompatible, 422), (Unavailable, 503),
     (CorruptSwitch, 422), (CheckpointError, 422), (SwitchBankError, 400),
 ]
 

@@ -59,8 +59,14 @@ def _load(settings: Settings) -> tuple[Bank, Engine]:
                            f"SWITCHBANK_WEIGHTS={settings.weights}): {exc}") from None
     engine = Engine(backbone, k=settings.k, cache_bytes=settings.cache_bytes, router_metric=settings.router_metric,
                     hot_after=settings.hot_after, mixed_forward=settings.mixed_forward,
-                    scratch_bytes=settings.scratch_bytes)
+                    scratch_bytes=settings.scratch_bytes, resident_bytes=settings.resident_bytes,
+                    router_exact_max=settings.router_exact_max, router_nprobe=settings.router_nprobe)
     engine.sync(bank)
+    if settings.pinned:
+        try:
+            engine.pin(settings.pinned)
+        except SwitchBankError as exc:
+            raise StartupError(f"SWITCHBANK_PIN={settings.pin}: {exc}") from None
     return bank, engine
 
 
@@ -81,6 +87,7 @@ async def lifespan(app: FastAPI):
     s: Settings = state.settings
     state.bank, state.engine = await run_in_threadpool(_load, s)
     state.engine.on_materialise = state.metrics.materialise.observe
+    state.engine.resident.on_load = state.metrics.switch_load.observe
     state.batcher = MicroBatcher(state.engine, max_batch=s.batch_size, max_wait_s=s.batch_wait_ms / 1000,
                                  queue_limit=s.queue_limit, timeout_s=s.request_timeout,
                                  on_batch=state.metrics.batch_size.observe)

@@ -42,7 +42,22 @@ class _EngineCollector:
             c = CounterMetricFamily(f"switchbank_{name}", doc)
             c.add_metric([], value)
             yield c
+        r, rt = engine.resident.stats(), engine.router.stats()
         for name, value, doc in (
+            ("switch_loads", r.loads, "switch bit planes read from their files"),
+            ("switch_evictions", r.evictions, "switch bit planes unloaded to stay within the resident budget"),
+        ):
+            c = CounterMetricFamily(f"switchbank_{name}", doc)
+            c.add_metric([], value)
+            yield c
+        for name, value, doc in (
+            ("resident_switches", r.resident, "switches whose bits are in memory"),
+            ("resident_bytes", r.resident_bytes, "bytes of switch bits in memory"),
+            ("resident_budget_bytes", r.budget_bytes, "budget for switch bits"),
+            ("pinned_switches", r.pinned, "switches pinned in memory"),
+            ("router_vectors", rt["vectors"], "query embeddings in the Auto-Switch index"),
+            ("router_bytes", rt["bytes"], "memory of the Auto-Switch index"),
+            ("router_approximate", int(rt["kind"] == "approximate"), "1 if the Auto-Switch index is approximate"),
             ("mixed_forward", int(e.mixed_forward), "1 if the tower runs mixed batches in one forward, else 0"),
             ("cache_bytes", s.bytes, "bytes held by cached combinations"),
             ("cache_capacity_bytes", s.capacity_bytes, "delta cache budget"),
@@ -66,6 +81,8 @@ class Metrics:
         self.batch_size = Histogram("switchbank_batch_size", "requests per engine batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.materialise = Histogram("switchbank_materialise_seconds", "time to materialise a combination",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.switch_load = Histogram("switchbank_switch_load_seconds", "time to read and decode a switch's bits",
                                      buckets=LATENCY_BUCKETS, registry=r)
         self.predictions = Counter("switchbank_predictions", "images classified", ["mode"], registry=r)
         r.register(_EngineCollector(state))

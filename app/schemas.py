@@ -84,7 +84,9 @@ class SwitchSummary(BaseModel):
 
 class SwitchList(BaseModel):
     generation: int
+    total: int = Field(..., description="switches served")
     switches: list[SwitchSummary]
+    next_after: str | None = Field(None, description="pass as ?after= for the next page; null on the last page")
 
 
 class ErrorResponse(BaseModel):

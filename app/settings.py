@@ -35,6 +35,14 @@ class Settings(BaseSettings):
         "(1: on first use; 0: never, every batch merges just in time)"))
     mixed_forward: bool = Field(True, description=(
         "run batches that need several combinations in one mixed forward (off: one forward per combination)"))
+    resident_bytes: int = Field(1 << 30, ge=1 << 20, description=(
+        "memory for switches' bits (2 bits per parameter each); beyond it the least recently used are "
+        "unloaded and read again from their files when needed"))
+    pin: str = Field("", description=(
+        "comma-separated switch names whose bits stay resident and whose merged weights are built at start-up"))
+    router_exact_max: int = Field(20_000, ge=0, description=(
+        "query vectors up to which Auto-Switch searches exactly; above, an approximate (IVF) index"))
+    router_nprobe: int = Field(32, ge=1, le=4096, description="lists the approximate index searches per query")
     scratch_bytes: int = Field(256 << 20, ge=1 << 20, description=(
         "scratch memory for weights merged just in time for combinations without a cached tower"))
     queue_limit: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")
@@ -52,6 +60,10 @@ class Settings(BaseSettings):
         "its previous answer, or it is closed"))
     max_connections: int = Field(512, ge=1, description="open connections and requests beyond this get 503")
     decode_concurrency: int = Field(2, ge=1, le=64, description="images decoded at once (bounds their memory)")
+
+    @property
+    def pinned(self) -> list[str]:
+        return [n.strip() for n in self.pin.split(",") if n.strip()]
 
     @field_validator("dtype")
     @classmethod

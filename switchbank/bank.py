@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import Conflict, CorruptSwitch, InvalidInput, NotFound, SwitchBankError
-from .format import Layout, from_bytes, read_layout, read_switch
+from .format import Layout, from_bytes, read_layout, read_light, read_switch
 from .types import Switch
 
 MANIFEST = "manifest.json"
@@ -119,17 +119,23 @@ class Bank:
     def names(self) -> list[str]:
         return sorted(self.manifest().switches)
 
-    def load(self, name: str, retries: int = 5) -> Switch:
-        """Read and verify one switch (retrying if a concurrent change removed the file)."""
+    def load(self, name: str, retries: int = 5, light: bool = False) -> Switch:
+        """Read and verify one switch (retrying if a concurrent change removed the file). With
+        ``light``, everything but its bits, which format.load_bits reads when they are needed."""
         for _ in range(retries):
             info = self.manifest().switches.get(name)
             if info is None:
                 raise NotFound(f"no switch named {name!r} in the bank")
+            path = self.files / info["file"]
             try:
-                return read_switch(self.files / info["file"])
+                sw = read_light(path) if light else read_switch(path)
             except CorruptSwitch:
-                if (self.files / info["file"]).exists():
+                if path.exists():
                     raise
+                continue
+            if sw.content_hash != info["content_hash"]:
+                raise CorruptSwitch(f"{path}: content hash differs from the manifest's")
+            return sw
         raise SwitchBankError(f"switch {name!r} kept changing while being read")
 
     def load_all(self) -> tuple[int, dict[str, Switch]]:
@@ -172,6 +178,32 @@ class Bank:
             self._write_manifest(Manifest(m.generation + 1, entries))
             self._collect_garbage(entries)
         return sw, True
+
+    def add_many(self, datas: list[bytes], *, replace: bool = False) -> int:
+        """Verify and store many switch files under one manifest change (one generation). Returns
+        how many changed the bank. All are verified before anything is written."""
+        checked = []
+        for data in datas:
+            sw = from_bytes(data)
+            check_name(sw.name)
+            checked.append((sw.name, sw.content_hash, data))
+        if len({name for name, _, _ in checked}) != len(checked):
+            raise InvalidInput("two of the files hold switches of the same name")
+        with self._locked():
+            m = self.manifest()
+            entries = dict(m.switches)
+            todo = [(n, h, d) for n, h, d in checked if entries.get(n, {}).get("content_hash") != h]
+            taken = [n for n, _, _ in todo if n in entries]
+            if taken and not replace:
+                raise Conflict(f"a different switch named {taken[0]!r} exists; ask for replacement to overwrite it")
+            for name, h, data in todo:
+                fname = f"{name}.{h.split(':')[-1][:16]}.safetensors"
+                atomic_write(self.files / fname, data)
+                entries[name] = {"file": fname, "content_hash": h, "bytes": len(data)}
+            if todo:
+                self._write_manifest(Manifest(m.generation + 1, entries))
+                self._collect_garbage(entries)
+        return len(todo)
 
     def remove(self, name: str) -> None:
         with self._locked():

@@ -134,9 +134,8 @@ def cmd_bank(args) -> int:
         print(f"bank at {b.root}, generation {b.generation}")
     elif args.bank_cmd == "add":
         b = Bank(args.dir)
-        for f in args.files:
-            sw, changed = b.add(Path(f).read_bytes(), replace=args.replace)
-            print(f"{'added' if changed else 'unchanged'}: {sw.name} ({sw.content_hash[:19]})")
+        changed = b.add_many([Path(f).read_bytes() for f in args.files], replace=args.replace)
+        print(f"{changed} of {len(args.files)} switches added or replaced; generation {b.generation}")
     elif args.bank_cmd == "remove":
         Bank(args.dir).remove(args.name)
         print(f"removed {args.name}")

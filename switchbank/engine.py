@@ -31,7 +31,9 @@ from .combine import merged_params, owned_bytes
 from .errors import Incompatible, InvalidInput, NotFound
 from .hot import HotSet
 from .jit import DEFAULT_BUDGET, JitMerge
-from .routing import Router
+from .format import read_queries
+from .resident import Residency
+from .routing import EXACT_MAX, Router
 from .types import Combination, Switch
 
 log = logging.getLogger(__name__)
@@ -79,9 +81,11 @@ class Result:
 
 class Engine:
     def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30, router_metric: str = "l2",
-                 hot_after: int = 2, mixed_forward: bool = True, scratch_bytes: int = DEFAULT_BUDGET):
+                 hot_after: int = 2, mixed_forward: bool = True, scratch_bytes: int = DEFAULT_BUDGET,
+                 resident_bytes: int = 1 << 30, router_exact_max: int = EXACT_MAX, router_nprobe: int = 32):
         self.backbone = backbone
-        self.router = Router(backbone.embed_dim, k, router_metric)
+        self.router = Router(backbone.embed_dim, k, router_metric, exact_max=router_exact_max, nprobe=router_nprobe)
+        self.resident = Residency(resident_bytes, backbone.device)
         self.cache = DeltaCache(cache_bytes)
         self.hot = HotSet(hot_after)
         self._stats = EngineStats()
@@ -156,28 +160,52 @@ class Engine:
 
     def add(self, sw: Switch) -> None:
         """Serve ``sw`` (replacing a switch of the same name); cached merges that used the old one go."""
+        self._register(sw)
+        queries = self._queries_of(sw)
+        if queries is not None:
+            self.router.add(sw.name, queries)
+        else:
+            self.router.remove(sw.name)
+        self._drop_queries(sw)
+
+    def _register(self, sw: Switch) -> None:
         self.validate(sw)
         sw.to(self.backbone.device)
         with self._lock:
             self._switches[sw.name] = sw
-        if sw.queries is not None:
-            self.router.add(sw.name, sw.queries)
-        else:
-            self.router.remove(sw.name)
+        self.resident.forget(sw.name)
+        self.resident.track(sw)
         stale = lambda key: sw.name in key.names and key.hashes().get(sw.name) != sw.content_hash  # noqa: E731
         self.cache.invalidate(stale)
         self.hot.forget(stale)
+
+    @staticmethod
+    def _queries_of(sw: Switch):
+        if sw.queries is not None:
+            return sw.queries
+        return read_queries(sw.source) if sw.source is not None and sw.query_count else None
+
+    @staticmethod
+    def _drop_queries(sw: Switch) -> None:
+        """The router holds its own copy; a switch that can read them again from its file need not."""
+        if sw.source is not None:
+            sw.queries = None
 
     def remove(self, name: str) -> None:
         with self._lock:
             if self._switches.pop(name, None) is None:
                 raise NotFound(f"no switch named {name!r}")
         self.router.remove(name)
+        self.resident.forget(name)
         self.cache.invalidate(lambda key: name in key.names)
         self.hot.forget(lambda key: name in key.names)
 
     def sync(self, bank: Bank) -> bool:
-        """Bring the served set in line with ``bank`` if its generation moved. Returns whether it did."""
+        """Bring the served set in line with ``bank`` if its generation moved. Returns whether it did.
+
+        Switches are read without their bits (format.read_light): start-up costs their headers, heads
+        and query embeddings, not the bank's size in bits. The first sync builds the router index in
+        one go; later ones change it incrementally, and rebuild it in the background when it drifts."""
         with self._sync_lock:
             return self._sync(bank)
 
@@ -185,19 +213,65 @@ class Engine:
         m = bank.manifest()
         if m.generation == self.generation:
             return False
+        first = self.generation < 0 and not self.switches
         current = {n: s.content_hash for n, s in self.switches.items()}
         for name in set(current) - set(m.switches):
             self.remove(name)
         for name, info in m.switches.items():
-            if current.get(name) != info["content_hash"]:
-                try:
-                    self.add(bank.load(name))
-                except NotFound:
-                    continue  # removed again meanwhile; the next sync settles it
-                except Exception:
-                    log.exception("switch %s in the bank cannot be served; skipping it", name)
+            if current.get(name) == info["content_hash"]:
+                continue
+            try:
+                sw = bank.load(name, light=True)
+                if first:
+                    self._register(sw)
+                else:
+                    self.add(sw)
+            except NotFound:
+                continue  # removed again meanwhile; the next sync settles it
+            except Exception:
+                log.exception("switch %s in the bank cannot be served; skipping it", name)
+        if first:
+            self.router.load(self._query_source, self._query_counts())
+            for sw in self.switches.values():
+                self._drop_queries(sw)
+        else:
+            self.router.rebuild(self._query_source, self._query_counts())
         self.generation = m.generation
         return True
+
+    def _query_counts(self) -> dict[str, int]:
+        return {n: sw.query_count or (0 if sw.queries is None else int(sw.queries.shape[0]))
+                for n, sw in self.switches.items() if sw.query_count or sw.queries is not None}
+
+    def _query_source(self, names: list[str] | None):
+        switches = self.switches
+        for name in (sorted(switches) if names is None else names):
+            sw = switches.get(name)
+            if sw is None:
+                continue
+            try:
+                q = self._queries_of(sw)
+            except Exception:
+                log.exception("query embeddings of switch %s cannot be read; it is left out of routing", name)
+                continue
+            if q is not None:
+                yield name, q
+
+    def pin(self, names: list[str], warm: bool = True) -> None:
+        """Keep these switches' bits resident for good and, with ``warm``, build and cache the
+        merged weights of each (its T-Switch combination) now rather than on a first request."""
+        switches = self.switches
+        unknown = sorted(set(names) - set(switches))
+        if unknown:
+            raise NotFound(f"cannot pin unknown switch {unknown[0]!r}")
+        self.resident.pin([switches[n] for n in names])
+        if warm:
+            hashes = {n: s.content_hash for n, s in switches.items()}
+            for n in names:
+                combo = Combination.of({n: 1}, hashes)
+                self.hot.seen([combo] * max(1, self.hot.after))
+                with self.cache.lease(combo, self._make(combo, switches)):
+                    pass
 
     # --- inference ------------------------------------------------------------------------
     def resolve(self, routes: list[Route], x: torch.Tensor, switches: dict[str, Switch]) -> list[tuple[Combination, str]]:
@@ -251,7 +325,9 @@ class Engine:
         folded; otherwise a replica of the tower holding them."""
         t0 = time.perf_counter()
         base = self.backbone.params
-        params = merged_params(base, [(switches[name], float(w)) for name, _, w in combo.terms])
+        weighted = [(switches[name], float(w)) for name, _, w in combo.terms]
+        with self.resident.use([sw for sw, _ in weighted]):
+            params = merged_params(base, weighted)
         if self.mixed is not None:
             memo, replaced = self.mixed.derived(params)
             params = {n: t for n, t in params.items() if n not in replaced}
@@ -349,7 +425,8 @@ class Engine:
                 return tuple(src.params[n] if n else None for n in names)
 
             sorted_x = x if order == list(range(x.shape[0])) else x[order]
-            with self._mixed_lock:
+            needed = list({sw.name: sw for g in cold for sw, _ in g}.values())
+            with self.resident.use(needed), self._mixed_lock:
                 jit.begin(cold)
                 try:
                     memo = [{} if s is None else s.memo for s in sources]

@@ -27,3 +27,7 @@ class CorruptSwitch(SwitchBankError):
 
 class CheckpointError(SwitchBankError):
     """A checkpoint could not be read as a state dict of tensors."""
+
+
+class Unavailable(SwitchBankError):
+    """Something the server holds cannot be used right now (a switch file that cannot be read)."""

@@ -356,7 +356,7 @@ def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
         dense={k[len("dense."):]: _finite(k, v) for k, v in tensors.items() if k.startswith("dense.")},
         head=head, queries=queries, router_fingerprint=meta.get("router_fingerprint"), arch=meta.get("arch"),
         buffers_differing=list(meta.get("buffers_differing") or []), content_hash=meta["content_hash"],
-        format_version=meta["version"],
+        format_version=meta["version"], query_count=0 if queries is None else int(queries.shape[0]),
     )
 
 
@@ -392,10 +392,10 @@ def read_switch(path: str | Path) -> Switch:
         raise CorruptSwitch(f"{path}: {exc}") from None
 
 
-def read_light(path: str | Path) -> Switch:
-    """A switch without its bits (``mask`` and ``pos`` are None): the header, scales, head, query
-    embeddings and 0-dim deltas are read; the bit buffers are not. :func:`load_bits` reads and
-    checks the rest, against the content hash, when the switch is first needed."""
+def read_light(path: str | Path, queries: bool = False) -> Switch:
+    """A switch without its bits (``mask`` and ``pos`` are None): the header, scales, head and 0-dim
+    deltas are read, and the query embeddings if ``queries``; the bit buffers are not.
+    :func:`load_bits` reads and checks the rest, against the content hash, when it is first needed."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -413,7 +413,7 @@ def read_light(path: str | Path) -> Switch:
             table = _table(header, meta, size)
             tensors = {}
             for key, (dtype, shape, (start, end)) in table.items():
-                if key in ("mask", "sign"):
+                if key in ("mask", "sign") or (key == "queries" and not queries):
                     continue
                 f.seek(8 + n + start)
                 raw = f.read(end - start)
@@ -427,7 +427,17 @@ def read_light(path: str | Path) -> Switch:
         raise CorruptSwitch(f"{path}: {exc}") from None
     sw = _light(meta, tensors)
     sw.source = path
+    if "queries" in table:
+        sw.query_count = table["queries"][1][0]
     return sw
+
+
+def read_queries(path: str | Path) -> torch.Tensor:
+    """The query embeddings of a switch file (float32), without its bits."""
+    q = read_light(path, queries=True).queries
+    if q is None:
+        raise CorruptSwitch(f"{path}: no query embeddings")
+    return q
 
 
 def load_bits(sw: Switch) -> None:
@@ -458,7 +468,7 @@ def describe(sw: Switch, file_bytes: int | None = None) -> dict[str, Any]:
         "bits_per_param": 8 * payload / n if n else 0.0,
         "resident_bits_per_param": 8 * sw.resident_bytes() / n if n else 0.0,
         "classes": list(sw.head.classes) if sw.head else None,
-        "queries": int(sw.queries.shape[0]) if sw.queries is not None else 0,
+        "queries": int(sw.queries.shape[0]) if sw.queries is not None else sw.query_count,
         "backbone_fingerprint": sw.backbone_fingerprint,
         "router_fingerprint": sw.router_fingerprint,
         "buffers_differing": list(sw.buffers_differing),

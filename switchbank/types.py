@@ -81,6 +81,7 @@ class Switch:
     content_hash: str = ""
     payload_bytes: int = 0  # on-disk bytes of mask, sign and scale; set when written or read
     format_version: int = 2
+    query_count: int = 0  # rows of query embeddings, also once ``queries`` is dropped after indexing
     source: Path | None = None  # the file the bits are read from, for switches read lazily
 
     @property

@@ -91,7 +91,14 @@ async def describe_switch(name: str, request: Request):
     return info
 
 
-@router.get("/cache", summary="Delta cache and engine statistics")
+@router.get("/cache", summary="Delta cache, resident switches, router and engine statistics")
 async def cache_stats(request: Request):
     engine = request.app.state.engine
-    return {**asdict(engine.cache.stats()), "engine": asdict(engine.stats())}
+    per_switch = engine.resident.per_switch()
+    for key in engine.cache.keys():
+        for name in key.names:
+            entry = per_switch.setdefault(name, {"resident_bytes": 0, "pinned": False, "in_use": False, "recency": 0})
+            entry["cached_combinations"] = entry.get("cached_combinations", 0) + 1
+    return {**asdict(engine.cache.stats()), "engine": asdict(engine.stats()),
+            "resident": asdict(engine.resident.stats()), "router": engine.router.stats(),
+            "switches": dict(sorted(per_switch.items()))}

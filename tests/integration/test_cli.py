@@ -71,8 +71,8 @@ def test_bank_commands(tmp_path, model_state):
     fin = save(finetune(visual(model_state), seed=2), tmp_path / "fin.safetensors")
     run("build", "--pretrained", pre, "--finetuned", fin, "--name", "a", "--out", tmp_path / "a.sw", "--quiet")
     run("bank", "init", tmp_path / "bank")
-    assert "added: a" in run("bank", "add", tmp_path / "bank", tmp_path / "a.sw").stdout
-    assert "unchanged: a" in run("bank", "add", tmp_path / "bank", tmp_path / "a.sw").stdout
+    assert "1 of 1 switches added" in run("bank", "add", tmp_path / "bank", tmp_path / "a.sw").stdout
+    assert "0 of 1 switches added" in run("bank", "add", tmp_path / "bank", tmp_path / "a.sw").stdout
     assert "generation 1" in run("bank", "list", tmp_path / "bank").stdout
     run("bank", "remove", tmp_path / "bank", "a")
     assert "generation 2" in run("bank", "list", tmp_path / "bank").stdout

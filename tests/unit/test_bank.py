@@ -93,3 +93,27 @@ def test_leftover_files_of_a_crashed_writer_are_ignored_and_collected(tmp_path, 
 def test_not_a_bank(tmp_path):
     with pytest.raises(Exception, match="not a switch bank"):
         Bank(tmp_path)
+
+
+def test_add_many_is_one_change_and_checks_everything_first(tmp_path, files):
+    a1, a2, b = files
+    bank = Bank(tmp_path / "many", create=True)
+    assert bank.add_many([a1, b]) == 2 and bank.generation == 1 and bank.names() == ["a", "b"]
+    assert bank.add_many([a1, b]) == 0 and bank.generation == 1
+    with pytest.raises(Conflict):
+        bank.add_many([a2])
+    with pytest.raises(CorruptSwitch):
+        bank.add_many([a2, b"junk"])  # one bad file: nothing is written
+    assert bank.load("a").content_hash == Bank(bank.root).load("a").content_hash and bank.generation == 1
+    assert bank.add_many([a2], replace=True) == 1 and bank.generation == 2
+
+
+def test_light_load_reads_everything_but_the_bits(tmp_path, files):
+    from switchbank.format import load_bits
+    a1, _, _ = files
+    bank = Bank(tmp_path / "light", create=True)
+    full, _ = bank.add(a1)
+    light = bank.load("a", light=True)
+    assert not light.loaded and light.head is not None and light.entries == full.entries
+    load_bits(light)
+    assert light.loaded and light.mask.equal(full.mask) and light.pos.equal(full.pos)

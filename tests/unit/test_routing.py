@@ -69,3 +69,43 @@ def test_cosine_metric_ranks_by_angle():
     assert plain.counts(np.array([[1.0, 0.1]], dtype=np.float32)) == [{"north": 1}]
     with pytest.raises(Exception, match="metric"):
         Router(dim=2, metric="manhattan")
+
+
+def clusters(n_tasks, per_task, dim, seed):
+    g = np.random.default_rng(seed)
+    centres = g.normal(size=(n_tasks, dim)).astype(np.float32)
+    return {f"t{i}": centres[i] + 0.3 * g.normal(size=(per_task, dim)).astype(np.float32) for i in range(n_tasks)}, centres
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_approximate_index_agrees_with_exact_search(metric):
+    data, centres = clusters(60, 20, 16, seed=0)
+    counts = {t: len(v) for t, v in data.items()}
+    exact = Router(dim=16, k=10, metric=metric)
+    approx = Router(dim=16, k=10, metric=metric, exact_max=200, nprobe=8)
+    for r in (exact, approx):
+        r.load(lambda names: ((t, data[t]) for t in (names if names is not None else sorted(data))), counts)
+    assert exact.kind == "exact" and approx.kind == "approximate" and len(approx) == 1200
+    queries = np.repeat(centres, 5, axis=0) + 0.3 * np.random.default_rng(1).normal(size=(300, 16)).astype(np.float32)
+    agree = np.mean([a == b for a, b in zip(exact.counts(queries), approx.counts(queries))])
+    assert agree >= 0.95, agree
+
+
+def test_approximate_index_changes_incrementally_and_rebuilds_in_the_background():
+    data, _ = clusters(30, 20, 8, seed=2)
+    r = Router(dim=8, k=5, exact_max=100, nprobe=4)
+    source = lambda names: ((t, data[t]) for t in (names if names is not None else sorted(data)))  # noqa: E731
+    r.load(source, {t: 20 for t in data})
+    assert r.kind == "approximate" and not r.needs_rebuild()
+    r.remove("t0")
+    assert "t0" not in r.tasks and len(r) == 580
+    assert all("t0" not in c for c in r.counts(data["t0"]))
+    extra = {f"x{i}": data["t1"] + 100 + i for i in range(40)}
+    for t, v in extra.items():
+        r.add(t, v)
+    data.update(extra)
+    del data["t0"]
+    assert r.needs_rebuild()
+    assert r.rebuild(source, {t: len(v) for t, v in data.items()}, background=False)
+    assert r.rebuilds == 1 and len(r) == len(data) * 20 and not r.needs_rebuild()
+    assert r.counts(extra["x3"][:1])[0] == {"x3": 5}
