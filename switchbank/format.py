@@ -29,7 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .errors import CorruptSwitch
-from .packing import compact_to_dense, dense_to_compact, pack_bits, packed_len, rice_decode, rice_encode, rice_len
+from .packing import dense_to_compact, expand_signs, pack_bits, packed_len, rice_encode, rice_len, rice_to_bitmap
 from .types import Head, Switch, TensorEntry
 
 FORMAT = "switchbank-switch"
@@ -362,22 +362,32 @@ def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
 
 def decode_bits(meta: dict[str, Any], mask: np.ndarray, sign: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense in-memory bit planes (mask, pos) from the file's mask and sign buffers."""
-    masks, poss, mo, so = [], [], 0, 0
-    for name, shape, kept, *rice in meta["tensors"]:
-        numel = math.prod(shape)
-        mn = rice_len(kept, rice[0], rice[1]) if rice else packed_len(numel)
-        sn = packed_len(kept)
-        try:
+    rows = meta["tensors"]
+    if any(len(r) == 5 for r in rows):  # Rice-coded masks are expanded to bitmaps first
+        parts, mo = [], 0
+        for name, shape, kept, *rice in rows:
+            numel = math.prod(shape)
+            mn = rice_len(kept, rice[0], rice[1]) if rice else packed_len(numel)
             m = mask[mo:mo + mn]
             if rice:
-                m = pack_bits(rice_decode(m, numel, kept, rice[0], rice[1]))
-            poss.append(compact_to_dense(m, sign[so:so + sn], numel, kept))
-        except ValueError as exc:
-            raise CorruptSwitch(f"tensor {name!r}: {exc}") from None
-        masks.append(m)
-        mo, so = mo + mn, so + sn
-    cat = (lambda parts: torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8)))
-    return cat(masks), cat(poss)
+                try:
+                    m = rice_to_bitmap(m, numel, kept, rice[0], rice[1])
+                except ValueError as exc:
+                    raise CorruptSwitch(f"tensor {name!r}: {exc}") from None
+            parts.append(m)
+            mo += mn
+        mask = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    else:  # bitmaps only: the file's mask stream is already the dense plane
+        mask = np.ascontiguousarray(mask)
+    lens = np.array([packed_len(math.prod(r[1])) for r in rows], dtype=np.int64)
+    kept = np.array([r[2] for r in rows], dtype=np.int64)
+    try:
+        pos = expand_signs(mask, np.ascontiguousarray(sign), lens, kept)
+    except ValueError as exc:
+        i = int(str(exc).split()[1].rstrip(":")) if str(exc).startswith("tensor ") else None
+        where = f"tensor {rows[i][0]!r}" if i is not None else "a tensor"
+        raise CorruptSwitch(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
+    return torch.from_numpy(mask.copy()), torch.from_numpy(pos)
 
 
 def read_switch(path: str | Path) -> Switch:

@@ -3,140 +3,95 @@
 For an input embedding x, w_t = |N_K(x) ∩ Q_t| / K: the share of its K nearest query examples
 (Euclidean, or by angle with ``metric="cosine"``) that belong to task t. Each request is routed on
 its own; weights come back as integer counts over K so that equal routes compare equal exactly.
-
-Two indexes, chosen by the number of query vectors:
-- up to ``exact_max`` vectors, exact search as one matrix product and a top-k (faiss's flat index
-  does not use BLAS for fewer than 20 queries, which made it several times slower than a plain
-  product for a micro-batch);
-- above, an inverted-file index with 8-bit scalar quantisation (faiss IndexIVFScalarQuantizer):
-  about a byte per dimension per vector, and a search that scans ``nprobe`` of ``nlist`` lists.
-  Its lists are trained on a sample; tasks are added and removed incrementally, and when the index
-  has grown or shrunk by half since it was trained, a rebuild runs in the background (``rebuild``,
-  from the caller's source of embeddings) while the old index keeps answering. Its parameters were
-  chosen by measurement (bench/scale.py): routing equal to exact search on at least 99% of inputs.
 Ties in distance go to the earlier-added example, so routing is deterministic.
+
+Query embeddings come from the pretrained encoder, so switches built from the same example images
+(per-customer fine-tunes of one task, say) share identical query vectors. The index holds each
+distinct vector once and keeps the list of examples (task, position) it stands for; a neighbour
+search over distinct vectors, expanded into examples, is exactly the search over all examples.
+
+The index (knn.py) is exact up to ``exact_max`` distinct vectors and an IVF index with exact
+re-ranking above, chosen when the index is built. Tasks are added and removed incrementally; when the
+index has grown or shrunk by half since it was built, or crossed ``exact_max``, ``rebuild`` builds a
+new one in the background from the caller's source of embeddings while the old one keeps answering,
+then replays the changes made meanwhile.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterable
 from fractions import Fraction
 
-import faiss
 import numpy as np
 import torch
 
 from .errors import Incompatible, InvalidInput
+from .knn import IVF, Exact, ivf_lists
 
 log = logging.getLogger(__name__)
 METRICS = ("l2", "cosine")
-EXACT_MAX = 20_000  # vectors; exact search of a micro-batch stays well under a millisecond per 1,000
+EXACT_MAX = 20_000  # distinct vectors searched exactly; about 2 ms for a batch of 16 at 1280-d here
 # source(tasks) yields (task, embeddings) for the given tasks, or for every task when tasks is None
 Source = Callable[[list[str] | None], Iterable[tuple[str, np.ndarray]]]
 
 
-def ivf_lists(n: int) -> int:
-    """Inverted lists for ``n`` vectors: about 2 sqrt(n), at least 16, at most 1024 (assigning
-    a million 1280-d vectors to 1024 lists is most of a 10,000-switch start-up on two cores)."""
-    return int(min(1024, max(16, 2 * math.sqrt(max(n, 1)))))
+class _Examples:
+    """Query examples and the distinct vectors they share."""
 
+    def __init__(self):
+        self.uid_of: dict[bytes, int] = {}
+        self.owners: dict[int, list[tuple[int, int]]] = {}  # uid -> [(position, task id)], by position
+        self.rows: dict[int, list[int]] = {}  # task id -> its uids
+        self.next_uid = self.next_pos = 0
+        self.count = 0
 
-class _Exact:
-    """All vectors in one float32 matrix, in insertion order."""
+    def add(self, tid: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Record a task's examples; returns (new uids, their rows in x) to put in the index."""
+        uids, new, new_rows = [], [], []
+        for r, row in enumerate(x):
+            key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
+            uid = self.uid_of.get(key)
+            if uid is None:
+                uid = self.uid_of[key] = self.next_uid
+                self.next_uid += 1
+                self.owners[uid] = []
+                new.append(uid)
+                new_rows.append(r)
+            self.owners[uid].append((self.next_pos, tid))
+            self.next_pos += 1
+            uids.append(uid)
+        self.rows[tid] = uids
+        self.count += len(uids)
+        return np.asarray(new, np.int64), np.asarray(new_rows, np.int64)
 
-    kind = "exact"
+    def remove(self, tid: int, keys: dict[int, bytes]) -> list[int]:
+        """Forget a task's examples; returns the uids no example stands for any more."""
+        dead = []
+        for uid in self.rows.pop(tid, []):
+            owners = self.owners[uid]
+            for i, (_, t) in enumerate(owners):
+                if t == tid:
+                    del owners[i]
+                    self.count -= 1
+                    break
+            if not owners:
+                del self.owners[uid]
+                dead.append(uid)
+        for uid in dead:
+            self.uid_of.pop(keys.pop(uid), None)
+        return dead
 
-    def __init__(self, dim: int, ip: bool):
-        self.dim, self.ip = dim, ip
-        self.parts: dict[int, np.ndarray] = {}  # task id -> vectors, in insertion order
-        self._matrix: tuple[torch.Tensor, np.ndarray, torch.Tensor] | None = None
-
-    def add(self, tid: int, x: np.ndarray) -> None:
-        self.parts[tid] = x
-        self._matrix = None
-
-    def remove(self, tid: int) -> None:
-        if self.parts.pop(tid, None) is not None:
-            self._matrix = None
-
-    @property
-    def ntotal(self) -> int:
-        return sum(p.shape[0] for p in self.parts.values())
-
-    def nbytes(self) -> int:
-        return sum(p.nbytes for p in self.parts.values())
-
-    def search(self, x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """(distance, owner task id, position) of the m nearest vectors per row, sorted."""
-        if self._matrix is None:
-            mat = np.concatenate(list(self.parts.values())) if self.parts else np.zeros((0, self.dim), np.float32)
-            owners = np.concatenate([np.full(p.shape[0], t, np.int64) for t, p in self.parts.items()]) \
-                if self.parts else np.zeros(0, np.int64)
-            t = torch.from_numpy(mat)
-            self._matrix = (t, owners, (t * t).sum(1))
-        mat, owners, sq = self._matrix
-        q = torch.from_numpy(x)
-        dots = q @ mat.T
-        # ranking only needs |x|^2 - 2 x.q (Euclidean) or -x.q (angle, on unit vectors)
-        dist = -dots if self.ip else sq.unsqueeze(0) - 2 * dots
-        d, pos = torch.topk(dist, m, dim=1, largest=False, sorted=True)
-        return d.numpy(), owners[pos.numpy()], pos.numpy()
-
-
-class _IVF:
-    """faiss IVF with 8-bit scalar quantisation; vector ids are global insertion positions."""
-
-    kind = "approximate"
-
-    def __init__(self, dim: int, ip: bool, nlist: int, nprobe: int, train: np.ndarray):
-        metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
-        self.quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
-        self.index = faiss.IndexIVFScalarQuantizer(self.quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
-        self.index.cp.niter = 10
-        self.index.train(np.ascontiguousarray(train, dtype=np.float32))
-        self.index.nprobe = min(nprobe, nlist)
-        self.ip, self.dim, self.nlist = ip, dim, nlist
-        self.trained_on = int(train.shape[0])
-        self.built_on = 0  # vectors when it was built; a rebuild is due once that has halved or doubled
-        self.owner = np.zeros(0, np.int64)  # global id -> task id (-1 once removed)
-        self.ids: dict[int, np.ndarray] = {}
-        self.next_id = 0
-
-    def add(self, tid: int, x: np.ndarray) -> None:
-        ids = np.arange(self.next_id, self.next_id + x.shape[0], dtype=np.int64)
-        self.next_id += x.shape[0]
-        if self.next_id > self.owner.size:
-            grown = np.full(max(self.next_id, 2 * self.owner.size), -1, np.int64)
-            grown[:self.owner.size] = self.owner
-            self.owner = grown
-        self.owner[ids] = tid
-        self.index.add_with_ids(x, ids)
-        self.ids[tid] = ids
-
-    def remove(self, tid: int) -> None:
-        ids = self.ids.pop(tid, None)
-        if ids is not None:
-            self.index.remove_ids(faiss.IDSelectorBatch(ids))
-            self.owner[ids] = -1
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    def nbytes(self) -> int:
-        return int(self.index.ntotal) * (self.index.code_size + 8) + self.nlist * self.dim * 4 + self.owner.nbytes
-
-    def search(self, x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        d, ids = self.index.search(x, m)
-        if self.ip:
-            d = -d
-        valid = ids >= 0
-        owners = np.where(valid, self.owner[np.where(valid, ids, 0)], -1)
-        d = np.where(valid, d, np.inf)
-        return d, owners, ids
+    def nearest(self, dist: np.ndarray, uids: np.ndarray, k: int) -> list[int]:
+        """Task ids of the k nearest examples, from distinct vectors in ascending distance."""
+        examples = []
+        for d, u in zip(dist.tolist(), uids.tolist()):
+            if u >= 0:
+                examples.extend((d, pos, tid) for pos, tid in self.owners[u][:k])
+        examples.sort()
+        return [tid for _, _, tid in examples[:k]]
 
 
 class Router:
@@ -149,7 +104,9 @@ class Router:
             raise InvalidInput(f"router metric must be one of {METRICS}, got {metric!r}")
         self.dim, self.k, self.metric = int(dim), int(k), metric
         self.exact_max, self.nprobe = int(exact_max), int(nprobe)
-        self._index: _Exact | _IVF = _Exact(self.dim, metric == "cosine")
+        self._index: Exact | IVF = Exact(self.dim, metric == "cosine")
+        self._ex = _Examples()
+        self._keys: dict[int, bytes] = {}  # uid -> key, to forget it when it dies
         self._tid: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._next_tid = 0
@@ -165,7 +122,8 @@ class Router:
             return sorted(self._tid)
 
     def __len__(self) -> int:
-        return self._index.ntotal
+        """Query examples (not distinct vectors)."""
+        return self._ex.count
 
     @property
     def kind(self) -> str:
@@ -188,15 +146,36 @@ class Router:
             raise InvalidInput(f"task {task!r}: query embeddings contain NaN or infinity")
         return x
 
+    @staticmethod
+    def _insert(state, task: str, x: np.ndarray) -> None:
+        index, ex, keys, tids, names = state
+        tid = max(names, default=-1) + 1
+        new, rows = ex.add(tid, x)
+        for uid, r in zip(new.tolist(), rows.tolist()):
+            keys[uid] = hashlib.blake2b(x[r].tobytes(), digest_size=16).digest()
+        if new.size:
+            index.add(new, x[rows])
+        tids[task], names[tid] = tid, task
+
+    @staticmethod
+    def _delete(state, task: str) -> bool:
+        index, ex, keys, tids, names = state
+        tid = tids.pop(task, None)
+        if tid is None:
+            return False
+        index.remove(ex.remove(tid, keys))
+        del names[tid]
+        return True
+
+    def _state(self):
+        return self._index, self._ex, self._keys, self._tid, self._names
+
     def add(self, task: str, embeddings: torch.Tensor | np.ndarray) -> None:
         """Add (or replace) a task's query embeddings."""
         x = self._checked(task, embeddings)
         with self._lock:
-            self._remove_locked(task)
-            tid = self._next_tid
-            self._next_tid += 1
-            self._tid[task], self._names[tid] = tid, task
-            self._index.add(tid, x)
+            self._delete(self._state(), task)
+            self._insert(self._state(), task, x)
             if self._journal is not None:
                 self._journal.append(("add", task, x))
 
@@ -204,38 +183,28 @@ class Router:
         with self._lock:
             if self._journal is not None:
                 self._journal.append(("remove", task, None))
-            return self._remove_locked(task)
-
-    def _remove_locked(self, task: str) -> bool:
-        tid = self._tid.pop(task, None)
-        if tid is None:
-            return False
-        self._index.remove(tid)
-        del self._names[tid]
-        return True
+            return self._delete(self._state(), task)
 
     # --- routing -----------------------------------------------------------------------------
     def counts(self, embeddings: torch.Tensor | np.ndarray) -> list[dict[str, int]]:
         """Per row, how many of its K nearest query examples each task owns (they sum to K,
-        or to the index size if smaller). Ties in distance go to the earlier-added example."""
+        or to the number of examples if smaller). Ties in distance go to the earlier-added example."""
         x = self.prepare(embeddings)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise Incompatible(f"embeddings of shape {x.shape} do not fit a {self.dim}-d router")
         with self._lock:
-            total = self._index.ntotal
-            if total == 0:
+            distinct = self._index.ntotal
+            if distinct == 0:
                 return [{} for _ in range(x.shape[0])]
-            k = min(self.k, total)
-            # a margin beyond K, then order by (distance, position): equal distances must not
-            # depend on the order a search happens to return them in
-            dist, owners, pos = self._index.search(x, min(total, 2 * k))
-            names = self._names
+            k = min(self.k, self._ex.count)
+            # a margin beyond K distinct vectors: equal distances must not depend on the order a
+            # search happens to return them in
+            dist, uids = self._index.search(x, min(distinct, 2 * k))
             out = []
-            for drow, orow, prow in zip(dist, owners, pos):
-                order = sorted((float(d), int(p), int(o)) for d, o, p in zip(drow, orow, prow) if o >= 0)[:k]
+            for drow, urow in zip(dist, uids):
                 row: dict[str, int] = {}
-                for _, _, o in order:
-                    t = names[o]
+                for tid in self._ex.nearest(drow, urow, k):
+                    t = self._names[tid]
                     row[t] = row.get(t, 0) + 1
                 out.append(row)
             return out
@@ -246,46 +215,40 @@ class Router:
 
     # --- building and rebuilding -------------------------------------------------------------
     def load(self, source: Source, counts: dict[str, int]) -> None:
-        """Replace every task with those of ``source``, choosing the index by the number of vectors
-        (``counts``: task -> rows). Embeddings are streamed: an exact index reads every task once;
-        an IVF index reads a sample of tasks to train on, then every task once, so a caller can read
-        them from files instead of holding them all."""
-        index, tids, names = self._build(source, counts)
+        """Replace every task with those of ``source``, which yields (task, embeddings) for the
+        tasks in ``counts`` (task -> rows). Embeddings are streamed, so a caller can read them from
+        files: one pass when the distinct vectors fit the exact index, two when they do not."""
+        state = self._build(source, counts)
         with self._lock:
-            self._index, self._tid, self._names = index, tids, names
-            self._next_tid = max(names, default=-1) + 1
+            self._index, self._ex, self._keys, self._tid, self._names = state
 
     def _build(self, source: Source, counts: dict[str, int]):
-        total = sum(counts.values())
         ip = self.metric == "cosine"
-        if total <= self.exact_max:
-            index = _Exact(self.dim, ip)
+        # in random task order, so that the first vectors are a fair sample to train an IVF on
+        order = [sorted(counts)[i] for i in np.random.default_rng(0).permutation(len(counts))]
+        state = (Exact(self.dim, ip), _Examples(), {}, {}, {})
+        for task, emb in source(order):
+            self._insert(state, task, self._checked(task, emb))
+            if state[0].ntotal > self.exact_max:
+                break
         else:
-            nlist = ivf_lists(total)
-            # train on whole tasks picked at random, about 40 rows per list (faiss's minimum is 39)
-            tasks = sorted(counts)
-            order = np.random.default_rng(0).permutation(len(tasks))
-            picked, rows = [], 0
-            for i in order:
-                if rows >= 40 * nlist:
-                    break
-                picked.append(tasks[i])
-                rows += counts[tasks[i]]
-            train = np.concatenate([self._checked(t, e) for t, e in source(picked)])
-            nlist = min(nlist, max(1, train.shape[0] // 39))
-            index = _IVF(self.dim, ip, nlist, self.nprobe, train)
-        tids, names = {}, {}
-        for tid, (task, emb) in enumerate(source(None)):
-            index.add(tid, self._checked(task, emb))
-            tids[task], names[tid] = tid, task
-        if isinstance(index, _IVF):
-            index.built_on = index.ntotal
-        log.info("router: %s index over %d vectors of %d tasks", index.kind, index.ntotal, len(tids))
-        return index, tids, names
+            log.info("router: exact index, %d distinct vectors of %d examples, %d tasks",
+                     state[0].ntotal, state[1].count, len(state[3]))
+            return state
+        train = np.stack(list(state[0].rows.values()))
+        distinct = max(train.shape[0], int(sum(counts.values()) * train.shape[0] / max(1, state[1].count)))
+        nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
+        state = (IVF(self.dim, ip, nlist, self.nprobe, train), _Examples(), {}, {}, {})
+        for task, emb in source(order):
+            self._insert(state, task, self._checked(task, emb))
+        state[0].built_on = state[0].ntotal
+        log.info("router: IVF index (%d lists, nprobe %d), %d distinct vectors of %d examples, %d tasks",
+                 nlist, state[0].index.nprobe, state[0].ntotal, state[1].count, len(state[3]))
+        return state
 
     def needs_rebuild(self) -> bool:
         n = self._index.ntotal
-        if isinstance(self._index, _Exact):
+        if isinstance(self._index, Exact):
             return n > self.exact_max
         built = self._index.built_on
         return n < self.exact_max // 2 or n > 2 * built or n < built // 2
@@ -300,19 +263,13 @@ class Router:
 
         def work():
             try:
-                index, tids, names = self._build(source, counts)
+                state = self._build(source, counts)
                 with self._lock:
                     for op, task, x in self._journal or ():
-                        tid = tids.pop(task, None)
-                        if tid is not None:
-                            index.remove(tid)
-                            del names[tid]
+                        self._delete(state, task)
                         if op == "add":
-                            tid = max(names, default=-1) + 1
-                            index.add(tid, x)
-                            tids[task], names[tid] = tid, task
-                    self._index, self._tid, self._names = index, tids, names
-                    self._next_tid = max(names, default=-1) + 1
+                            self._insert(state, task, x)
+                    self._index, self._ex, self._keys, self._tid, self._names = state
                     self.rebuilds += 1
             except Exception:
                 log.exception("router rebuild failed; the current index keeps serving")
@@ -320,9 +277,9 @@ class Router:
                 with self._lock:
                     self._journal, self._rebuilding = None, None
 
+        with self._lock:
+            self._rebuilding = threading.current_thread()
         if not background:
-            with self._lock:
-                self._rebuilding = threading.current_thread()
             work()
             return True
         t = threading.Thread(target=work, name="switchbank-router-rebuild", daemon=True)
@@ -333,8 +290,10 @@ class Router:
 
     def stats(self) -> dict:
         idx = self._index
-        out = {"kind": idx.kind, "vectors": idx.ntotal, "tasks": len(self._tid), "bytes": idx.nbytes(),
-               "metric": self.metric, "k": self.k, "rebuilds": self.rebuilds, "rebuilding": self._rebuilding is not None}
-        if isinstance(idx, _IVF):
-            out.update(nlist=idx.nlist, nprobe=idx.index.nprobe, trained_on=idx.trained_on, built_on=idx.built_on)
+        out = {"kind": idx.kind, "examples": self._ex.count, "distinct_vectors": idx.ntotal, "tasks": len(self._tid),
+               "bytes": idx.nbytes(), "metric": self.metric, "k": self.k, "rebuilds": self.rebuilds,
+               "rebuilding": self._rebuilding is not None}
+        if isinstance(idx, IVF):
+            out.update(nlist=idx.nlist, nprobe=idx.index.nprobe, candidates=idx.candidates,
+                       trained_on=idx.trained_on, built_on=idx.built_on)
         return out

@@ -62,3 +62,36 @@ def test_rice_decode_rejects_inconsistent_streams():
         rice_decode(stream, 1000, int(mask.sum()) + 1, k, u)
     with pytest.raises(ValueError):
         rice_decode(stream[:-1], 1000, int(mask.sum()), k, u)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.05, 0.3, 0.49])
+def test_fast_rice_decoder_equals_the_reference(density):
+    from switchbank.packing import rice_decode, rice_encode, rice_len, rice_to_bitmap
+    g = np.random.default_rng(int(density * 1000))
+    mask = g.random(100_003) < density
+    stream, k, ub = rice_encode(mask)
+    assert np.array_equal(rice_to_bitmap(stream, mask.size, int(mask.sum()), k, ub),
+                          pack_bits(rice_decode(stream, mask.size, int(mask.sum()), k, ub)))
+    with pytest.raises(ValueError):
+        rice_to_bitmap(stream, mask.size, int(mask.sum()) + 1, k, ub)  # claims one bit more
+    with pytest.raises(ValueError):
+        rice_to_bitmap(stream, 10, int(mask.sum()), k, ub)  # points past the end
+    assert rice_len(int(mask.sum()), k, ub) == stream.size
+
+
+def test_sign_expansion_equals_the_reference():
+    from switchbank.packing import expand_signs
+    g = np.random.default_rng(3)
+    sizes = [1, 7, 8, 9, 1000, 4099]
+    masks, signs, kept = [], [], []
+    for n in sizes:
+        m = g.random(n) < 0.4
+        s = g.random(n) < 0.5
+        masks.append(pack_bits(m))
+        signs.append(pack_bits(s[m]))
+        kept.append(int(m.sum()))
+    pos = expand_signs(np.concatenate(masks), np.concatenate(signs), [len(m) for m in masks], kept)
+    want = np.concatenate([compact_to_dense(m, s, n, k) for m, s, n, k in zip(masks, signs, sizes, kept)])
+    assert np.array_equal(pos, want)
+    with pytest.raises(ValueError, match="set bits"):
+        expand_signs(np.concatenate(masks), np.concatenate(signs), [len(m) for m in masks], [k + 1 for k in kept])

@@ -109,3 +109,35 @@ def test_approximate_index_changes_incrementally_and_rebuilds_in_the_background(
     assert r.rebuild(source, {t: len(v) for t, v in data.items()}, background=False)
     assert r.rebuilds == 1 and len(r) == len(data) * 20 and not r.needs_rebuild()
     assert r.counts(extra["x3"][:1])[0] == {"x3": 5}
+
+
+def naive_counts(tasks: dict, queries: np.ndarray, k: int) -> list[dict]:
+    """Every example sorted by (distance, position): the definition the router must match."""
+    rows = [(t, v) for t, vs in tasks.items() for v in vs]
+    out = []
+    for q in queries:
+        order = sorted(range(len(rows)), key=lambda i: (float(((rows[i][1] - q) ** 2).sum()), i))[:k]
+        c = {}
+        for i in order:
+            c[rows[i][0]] = c.get(rows[i][0], 0) + 1
+        out.append(c)
+    return out
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 30])
+def test_shared_query_vectors_route_as_every_example_would(exact_max):
+    g = np.random.default_rng(5)
+    shared = g.normal(size=(12, 6)).astype(np.float32)
+    tasks = {}
+    for i in range(20):  # copies built from the same example images, and a few of their own
+        own = g.normal(size=(3, 6)).astype(np.float32) + 3 * (i % 4)
+        tasks[f"copy{i:02d}"] = np.concatenate([shared[g.permutation(12)[:8]], own])
+    r = Router(dim=6, k=7, exact_max=exact_max, nprobe=64)
+    r.load(lambda names: ((t, tasks[t]) for t in (names if names is not None else sorted(tasks))), {t: 11 for t in tasks})
+    assert len(r) == 220 and r.stats()["distinct_vectors"] == 12 + 60
+    # the router adds in a shuffled order: compare with the naive search in that same order
+    order = list(r._tid)
+    queries = np.concatenate([shared, g.normal(size=(20, 6)).astype(np.float32) * 3])
+    assert r.counts(queries) == naive_counts({t: tasks[t] for t in order}, queries, 7)
+    r.remove(order[0])
+    assert r.counts(queries) == naive_counts({t: tasks[t] for t in order[1:]}, queries, 7)

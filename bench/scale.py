@@ -1,0 +1,260 @@
+"""A bank of thousands of switches: start-up, memory, routing cost and agreement, cold switches.
+
+    python -m bench.scale [--sizes 100,1000,10000] [--nprobe 8,16,32,64,128]
+
+Banks are synthesised from the six demo switches: switch i is demo switch i mod 6 under a new name
+(the first six are the demo files themselves, format version 1), written in format version 2 with
+its query embeddings moved by a random offset per switch (half the typical query norm), so every
+switch owns a distinct region of the router's space. For each size it measures:
+- the real server (`switchbank serve`, cosine routing as the demo serves): seconds from process
+  start to ready, resident memory once ready and after 40 Auto-Switch requests, and those requests'
+  median latency, next to the same figures for the six-switch demo bank;
+- in process: the router's index, its k-NN time for a batch of 16 against the forward of that batch,
+  and its routing against exact search over the same bank (weights equal) on the 977 held-out demo
+  images and on 2,000 inputs drawn near synthetic switches' queries, with the demo routing accuracy
+  (the top switch is a copy of the image's own task) for both; at the largest size, a sweep of nprobe;
+- a cold switch: reading and decoding its bits plus merging it, against merging it with its bits
+  already resident.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from bench.common import ROOT, free_port, machine, md_table, write
+from switchbank.format import META_KEY, content_hash
+
+DEMO = ROOT / "demo" / "bank"
+
+
+def synth_bank(n: int, dest: Path, seed: int = 0) -> Path:
+    """A bank of ``n`` switches made from the demo ones (see the module docstring)."""
+    manifest = json.loads((DEMO / "manifest.json").read_text())
+    demo = {name: (DEMO / "switches" / info["file"]).read_bytes() for name, info in sorted(manifest["switches"].items())}
+    names = list(demo)
+    files = dest / "switches"
+    files.mkdir(parents=True)
+    norms = np.median([np.linalg.norm(st_load(d)["queries"].numpy(), axis=1).mean() for d in demo.values()])
+    rng = np.random.default_rng(seed)
+    entries = {}
+    for i in range(n):
+        task = names[i % len(names)]
+        data = demo[task]
+        if i >= len(names):
+            task = f"{task}-{i:05d}"
+            tensors = dict(st_load(data))
+            q = tensors["queries"].float()
+            offset = rng.normal(size=q.shape[1]).astype(np.float32)
+            offset *= 0.5 * norms / np.linalg.norm(offset)
+            tensors["queries"] = (q + torch.from_numpy(offset)).to(torch.float16).contiguous()
+            n_head = len(data[8:8 + int.from_bytes(data[:8], "little")])
+            meta = json.loads(json.loads(data[8:8 + n_head])["__metadata__"][META_KEY])
+            meta.update(name=task, version=2)
+            meta["content_hash"] = content_hash(meta, tensors)
+            data = st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+            h = meta["content_hash"]
+        else:
+            h = manifest["switches"][task]["content_hash"]
+        fname = f"{task}.{h.split(':')[-1][:16]}.safetensors"
+        (files / fname).write_bytes(data)
+        entries[task] = {"file": fname, "content_hash": h, "bytes": len(data)}
+    body = {"format": "switchbank-bank", "version": 1, "generation": 1, "switches": entries}
+    (dest / "manifest.json").write_text(json.dumps(body, indent=1, sort_keys=True))
+    return dest
+
+
+def demo_pngs_and_tasks():
+    from bench.traffic import demo_pngs
+    return demo_pngs()
+
+
+def served(bank: Path, requests: int = 40) -> dict:
+    """Start the real server on ``bank``; time to ready, memory, Auto-Switch latency."""
+    import httpx
+    port = free_port()
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "SWITCHBANK_ROUTER_METRIC": "cosine"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--bank", str(bank), "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() - t0 > 600:
+                raise TimeoutError("not ready after 600 s")
+            time.sleep(0.05)
+        ready = time.perf_counter() - t0
+        p = psutil.Process(proc.pid)
+        rss_ready = p.memory_info().rss
+        lat = []
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for png_task in demo_pngs_and_tasks()[:requests]:
+                t1 = time.perf_counter()
+                r = c.post("/v1/predict", files={"image": ("i.png", png_task[1])})
+                lat.append(time.perf_counter() - t1)
+                r.raise_for_status()
+        return {"ready_s": ready, "rss_ready_mb": rss_ready / 2**20, "rss_after_mb": p.memory_info().rss / 2**20,
+                "auto_switch_p50_ms": 1000 * statistics.median(lat), "auto_switch_p90_ms": 1000 * float(np.quantile(lat, 0.9))}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def in_process(bank: Path, nprobes: list[int]) -> dict:
+    from bench.traffic import demo_images
+    from switchbank.backbone import DEMO_ARCH, load_backbone
+    from switchbank.bank import Bank
+    from switchbank.engine import Engine
+    from switchbank.routing import Router
+    from switchbank.types import Combination
+
+    backbone = load_backbone(DEMO_ARCH, device="cpu")
+    t0 = time.perf_counter()
+    eng = Engine(backbone, k=10, router_metric="cosine")
+    eng.sync(Bank(bank))
+    sync_s = time.perf_counter() - t0
+    images = demo_images()
+    emb = torch.cat([eng.embed(torch.stack([backbone.preprocess(im) for _, im in images[i:i + 64]]))
+                     for i in range(0, len(images), 64)])
+    truth = [t for t, _ in images]
+    counts = eng._query_counts()
+    exact = Router(backbone.embed_dim, 10, "cosine", exact_max=1 << 62)
+    exact.load(eng._query_source, counts)
+    # inputs near synthetic switches' queries: a query of a random switch plus noise of a tenth of its norm
+    rng = np.random.default_rng(1)
+    names = [n for n in sorted(counts) if "-" in n] or sorted(counts)
+    synth = []
+    for name in rng.choice(names, size=min(2000, 20 * len(names)), replace=True):
+        q = eng._queries_of(eng.switches[name]).numpy()
+        row = q[rng.integers(q.shape[0])]
+        synth.append(row + 0.1 * np.linalg.norm(row) * rng.normal(size=row.shape).astype(np.float32) / np.sqrt(row.size))
+    synth = np.stack(synth).astype(np.float32)
+
+    def agreement(router):
+        a = np.mean([x == y for x, y in zip(exact.counts(emb), router.counts(emb))])
+        b = np.mean([x == y for x, y in zip(exact.counts(synth), router.counts(synth))])
+        return float(a), float(b)
+
+    def accuracy(router):
+        tops = [max(sorted(c), key=lambda n: c[n]) for c in router.counts(emb)]
+        return float(np.mean([top.split("-")[0] == t for top, t in zip(tops, truth)]))
+
+    batch = emb[:16]
+    fwd = _median_time(lambda: eng.embed(torch.stack([backbone.preprocess(im) for _, im in images[:16]])), 5)
+    x16 = torch.stack([backbone.preprocess(im) for _, im in images[:16]])
+    fwd = _median_time(lambda: eng.embed(x16), 7)
+    knn = _median_time(lambda: eng.router.counts(batch), 20)
+    knn_exact = _median_time(lambda: exact.counts(batch), 5)
+    out = {"sync_s": sync_s, "router": eng.router.stats(), "forward_batch16_ms": 1000 * fwd,
+           "knn_batch16_ms": 1000 * knn, "knn_over_forward": knn / fwd, "exact_knn_batch16_ms": 1000 * knn_exact,
+           "agreement_demo": agreement(eng.router)[0], "agreement_synthetic": agreement(eng.router)[1],
+           "accuracy_exact": accuracy(exact), "accuracy_served": accuracy(eng.router)}
+    if eng.router.kind == "approximate" and nprobes:
+        sweep = []
+        for p in nprobes:
+            eng.router._index.index.nprobe = p
+            t = _median_time(lambda: eng.router.counts(batch), 10)
+            a, b = agreement(eng.router)
+            sweep.append({"nprobe": p, "knn_batch16_ms": 1000 * t, "agreement_demo": a, "agreement_synthetic": b,
+                          "accuracy": accuracy(eng.router)})
+            print("  nprobe", sweep[-1], flush=True)
+        eng.router._index.index.nprobe = eng.router.nprobe
+        out["nprobe_sweep"] = sweep
+    # a cold switch: load its bits and merge it, against merging it with the bits resident
+    name = names[-1]
+    sw = eng.switches[name]
+    combo = Combination.of({name: 1}, {name: sw.content_hash})
+    t1 = time.perf_counter()
+    eng.materialise(combo, eng.switches)
+    cold = time.perf_counter() - t1
+    with eng.resident.use([sw]):
+        warm = _median_time(lambda: eng.materialise(combo, eng.switches), 5)
+    out.update(cold_load_and_merge_ms=1000 * cold, merge_resident_ms=1000 * warm, cold_over_resident=cold / warm)
+    del exact
+    return out
+
+
+def _median_time(fn, n: int) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="100,1000,10000")
+    ap.add_argument("--nprobe", default="8,16,32,64,128")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    nprobes = [int(p) for p in args.nprobe.split(",") if p]
+    results = {"demo_bank": {"served": served(DEMO)}}
+    print("demo bank", results["demo_bank"], flush=True)
+    base_rss = results["demo_bank"]["served"]["rss_after_mb"]
+    rows = []
+    for n in sizes:
+        tmp = Path(tempfile.mkdtemp(prefix=f"switchbank-scale-{n}-"))
+        try:
+            t0 = time.perf_counter()
+            bank = synth_bank(n, tmp / "bank")
+            made = time.perf_counter() - t0
+            disk = sum(p.stat().st_size for p in (bank / "switches").iterdir())
+            srv = served(bank)
+            print(n, "served", srv, flush=True)
+            inp = in_process(bank, nprobes if n == max(sizes) else [])
+            print(n, "in process", {k: v for k, v in inp.items() if k != "nprobe_sweep"}, flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        results[str(n)] = {"switches": n, "synthesised_s": made, "bank_bytes": disk, "served": srv, **inp}
+        r = inp["router"]
+        rows.append([n, f"{disk / 2**30:.2f} GiB", f"{srv['ready_s']:.1f} s", f"{srv['rss_after_mb'] - base_rss:+.0f} MB",
+                     f"{r['kind']} ({r['distinct_vectors']:,} distinct vectors, {r['bytes'] / 2**20:.0f} MiB)",
+                     f"{inp['knn_batch16_ms']:.2f} ms", f"{inp['knn_over_forward']:.1%}",
+                     f"{inp['agreement_demo']:.2%} / {inp['agreement_synthetic']:.2%}",
+                     f"{inp['accuracy_served']:.2%} ({inp['accuracy_exact']:.2%})",
+                     f"{srv['auto_switch_p50_ms']:.0f} ms", f"{inp['cold_over_resident']:.2f}x"])
+    table = md_table(["switches", "on disk", "start to ready", "memory beyond the demo server", "router index",
+                      "k-NN, batch of 16", "k-NN / forward", "weights equal to exact (demo / synthetic)",
+                      "demo routing accuracy (exact)", "Auto-Switch p50 over HTTP", "cold switch / resident merge"], rows)
+    demo = results["demo_bank"]["served"]
+    md = [f"# A bank of thousands of switches\n", table, "",
+          f"The six-switch demo bank, for reference: ready in {demo['ready_s']:.1f} s, {demo['rss_after_mb']:.0f} MB "
+          f"resident, Auto-Switch p50 {demo['auto_switch_p50_ms']:.0f} ms over HTTP."]
+    sweep = results[str(max(sizes))].get("nprobe_sweep")
+    if sweep:
+        md += ["", f"nprobe at {max(sizes):,} switches (the default is {results[str(max(sizes))]['router'].get('nprobe')}):", "",
+               md_table(["nprobe", "k-NN, batch of 16", "weights equal to exact (demo)", "(synthetic)", "demo accuracy"],
+                        [[p["nprobe"], f"{p['knn_batch16_ms']:.2f} ms", f"{p['agreement_demo']:.2%}",
+                          f"{p['agreement_synthetic']:.2%}", f"{p['accuracy']:.2%}"] for p in sweep])]
+    md += ["", "Rerun: `python -m bench.scale`."]
+    print("\n".join(md))
+    write("scale", {"results": results}, "\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
