@@ -42,8 +42,9 @@ from switchbank.format import META_KEY, content_hash
 DEMO = ROOT / "demo" / "bank"
 
 
-def synth_bank(n: int, dest: Path, seed: int = 0) -> Path:
-    """A bank of ``n`` switches made from the demo ones (see the module docstring)."""
+def synth_bank(n: int, dest: Path, seed: int = 0, distinct: bool = True) -> Path:
+    """A bank of ``n`` switches made from the demo ones (see the module docstring); with
+    ``distinct=False``, plain renamed copies that keep their query embeddings."""
     manifest = json.loads((DEMO / "manifest.json").read_text())
     demo = {name: (DEMO / "switches" / info["file"]).read_bytes() for name, info in sorted(manifest["switches"].items())}
     names = list(demo)
@@ -58,13 +59,15 @@ def synth_bank(n: int, dest: Path, seed: int = 0) -> Path:
         if i >= len(names):
             task = f"{task}-{i:05d}"
             tensors = dict(st_load(data))
-            q = tensors["queries"].float()
-            offset = rng.normal(size=q.shape[1]).astype(np.float32)
-            offset *= 0.5 * norms / np.linalg.norm(offset)
-            tensors["queries"] = (q + torch.from_numpy(offset)).to(torch.float16).contiguous()
             n_head = len(data[8:8 + int.from_bytes(data[:8], "little")])
             meta = json.loads(json.loads(data[8:8 + n_head])["__metadata__"][META_KEY])
-            meta.update(name=task, version=2)
+            meta.update(name=task)
+            if distinct:
+                q = tensors["queries"].float()
+                offset = rng.normal(size=q.shape[1]).astype(np.float32)
+                offset *= 0.5 * norms / np.linalg.norm(offset)
+                tensors["queries"] = (q + torch.from_numpy(offset)).to(torch.float16).contiguous()
+                meta.update(version=2)
             meta["content_hash"] = content_hash(meta, tensors)
             data = st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
             h = meta["content_hash"]

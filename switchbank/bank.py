@@ -119,11 +119,13 @@ class Bank:
     def names(self) -> list[str]:
         return sorted(self.manifest().switches)
 
-    def load(self, name: str, retries: int = 5, light: bool = False) -> Switch:
+    def load(self, name: str, retries: int = 5, light: bool = False, info: dict | None = None) -> Switch:
         """Read and verify one switch (retrying if a concurrent change removed the file). With
-        ``light``, everything but its bits, which format.load_bits reads when they are needed."""
-        for _ in range(retries):
-            info = self.manifest().switches.get(name)
+        ``light``, everything but its bits, which format.load_bits reads when they are needed.
+        ``info`` is its manifest entry when the caller has just read the manifest."""
+        for attempt in range(retries):
+            if info is None or attempt:
+                info = self.manifest().switches.get(name)
             if info is None:
                 raise NotFound(f"no switch named {name!r} in the bank")
             path = self.files / info["file"]

@@ -183,7 +183,7 @@ class Engine:
     def _queries_of(sw: Switch):
         if sw.queries is not None:
             return sw.queries
-        return read_queries(sw.source) if sw.source is not None and sw.query_count else None
+        return read_queries(sw) if sw.source is not None and sw.query_count else None
 
     @staticmethod
     def _drop_queries(sw: Switch) -> None:
@@ -221,7 +221,7 @@ class Engine:
             if current.get(name) == info["content_hash"]:
                 continue
             try:
-                sw = bank.load(name, light=True)
+                sw = bank.load(name, light=True, info=info)
                 if first:
                     self._register(sw)
                 else:

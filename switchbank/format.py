@@ -190,22 +190,14 @@ def check_meta(meta: dict[str, Any]) -> None:
         raise CorruptSwitch("metadata field 'tensors' must be a list")
     names = set()
     for i, row in enumerate(rows):
-        where = f"metadata field 'tensors'[{i}]"
-        if not isinstance(row, list) or len(row) not in (3, 5):
-            raise CorruptSwitch(f"{where} must be [name, shape, kept] or [name, shape, kept, k, unary_bits]")
-        name, shape, kept, *rice = row
-        if not isinstance(name, str) or not name or len(name) > 1024 or name in names:
-            raise CorruptSwitch(f"{where}: tensor name must be a unique non-empty string")
-        names.add(name)
-        if not isinstance(shape, list) or not shape or len(shape) > 8 or not all(_int(d) and 0 <= d for d in shape):
-            raise CorruptSwitch(f"{where} ({name!r}): shape must be a list of 1 to 8 non-negative integers")
-        numel = math.prod(shape)
-        if numel > MAX_NUMEL:
-            raise CorruptSwitch(f"{where} ({name!r}): {numel:,} elements; a switched tensor holds at most {MAX_NUMEL:,}")
-        if not _int(kept) or not 0 <= kept <= numel:
-            raise CorruptSwitch(f"{where} ({name!r}): kept must be an integer between 0 and {numel}")
-        if rice and not (_int(rice[0]) and 0 <= rice[0] < 32 and _int(rice[1]) and 0 <= rice[1] <= numel + kept):
-            raise CorruptSwitch(f"{where} ({name!r}): bad Rice code parameters")
+        # the common case checked with plain type tests; any doubt goes to the explaining checks
+        if (type(row) is list and len(row) == 3 and type(row[0]) is str and 0 < len(row[0]) <= 1024
+                and row[0] not in names and type(row[1]) is list and 0 < len(row[1]) <= 8
+                and all(type(d) is int and d >= 0 for d in row[1]) and type(row[2]) is int
+                and 0 <= row[2] <= math.prod(row[1]) <= MAX_NUMEL):
+            names.add(row[0])
+            continue
+        _check_row(i, row, names)
     classes = meta.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) and len(c) <= MAX_TEXT
                                                                           for c in classes)):
@@ -215,6 +207,25 @@ def check_meta(meta: dict[str, Any]) -> None:
     buffers = meta.get("buffers_differing")
     if buffers is not None and (not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers)):
         raise CorruptSwitch("metadata field 'buffers_differing' must be a list of strings")
+
+
+def _check_row(i: int, row, names: set) -> None:
+    where = f"metadata field 'tensors'[{i}]"
+    if not isinstance(row, list) or len(row) not in (3, 5):
+        raise CorruptSwitch(f"{where} must be [name, shape, kept] or [name, shape, kept, k, unary_bits]")
+    name, shape, kept, *rice = row
+    if not isinstance(name, str) or not name or len(name) > 1024 or name in names:
+        raise CorruptSwitch(f"{where}: tensor name must be a unique non-empty string")
+    names.add(name)
+    if not isinstance(shape, list) or not shape or len(shape) > 8 or not all(_int(d) and 0 <= d for d in shape):
+        raise CorruptSwitch(f"{where} ({name!r}): shape must be a list of 1 to 8 non-negative integers")
+    numel = math.prod(shape)
+    if numel > MAX_NUMEL:
+        raise CorruptSwitch(f"{where} ({name!r}): {numel:,} elements; a switched tensor holds at most {MAX_NUMEL:,}")
+    if not _int(kept) or not 0 <= kept <= numel:
+        raise CorruptSwitch(f"{where} ({name!r}): kept must be an integer between 0 and {numel}")
+    if rice and not (_int(rice[0]) and 0 <= rice[0] < 32 and _int(rice[1]) and 0 <= rice[1] <= numel + kept):
+        raise CorruptSwitch(f"{where} ({name!r}): bad Rice code parameters")
 
 
 _DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16}
@@ -328,7 +339,7 @@ def from_bytes(data: bytes, check: Callable[[Layout], None] | None = None) -> Sw
 
 
 def _finite(key: str, t: torch.Tensor) -> torch.Tensor:
-    if not torch.isfinite(t).all():
+    if not np.isfinite(t.numpy()).all():
         raise CorruptSwitch(f"tensor {key!r} contains NaN or infinite values")
     return t
 
@@ -337,10 +348,9 @@ def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
     """A switch with everything but its bits: index, scales, head, queries, 0-dim deltas."""
     scale = _finite("scale", tensors["scale"])
     entries, offset = [], 0
-    for i, (name, shape, kept, *_) in enumerate(meta["tensors"]):
-        e = TensorEntry(name, tuple(shape), kept, float(scale[i]), offset)
-        entries.append(e)
-        offset += e.nbytes
+    for (name, shape, kept, *_), lam in zip(meta["tensors"], scale.tolist()):
+        entries.append(TensorEntry(name, tuple(shape), kept, lam, offset))
+        offset += (math.prod(shape) + 7) // 8
     head = None
     if "head.weight" in tensors:
         bias = tensors.get("head.bias")
@@ -438,16 +448,29 @@ def read_light(path: str | Path, queries: bool = False) -> Switch:
     sw = _light(meta, tensors)
     sw.source = path
     if "queries" in table:
-        sw.query_count = table["queries"][1][0]
+        dtype, shape, (start, end) = table["queries"]
+        sw.query_count = shape[0]
+        sw.queries_at = (8 + n + start, end - start, dtype, shape)
     return sw
 
 
-def read_queries(path: str | Path) -> torch.Tensor:
-    """The query embeddings of a switch file (float32), without its bits."""
-    q = read_light(path, queries=True).queries
-    if q is None:
-        raise CorruptSwitch(f"{path}: no query embeddings")
-    return q
+def read_queries(sw: Switch) -> torch.Tensor:
+    """The query embeddings (float32) of a switch read with :func:`read_light`, straight from the
+    byte range its header gave, and checked to be finite."""
+    if sw.queries is not None:
+        return sw.queries
+    if sw.source is None or sw.queries_at is None:
+        raise CorruptSwitch(f"switch {sw.name!r} has no query embeddings")
+    offset, size, dtype, shape = sw.queries_at
+    try:
+        with open(sw.source, "rb") as f:
+            f.seek(offset)
+            raw = f.read(size)
+    except OSError as exc:
+        raise CorruptSwitch(f"{sw.source}: cannot read ({exc.strerror})") from None
+    if len(raw) != size:
+        raise CorruptSwitch(f"{sw.source}: file is shorter than its header says (truncated?)")
+    return _finite("queries", torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).float())
 
 
 def load_bits(sw: Switch) -> None:

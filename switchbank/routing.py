@@ -42,6 +42,7 @@ class _Examples:
     """Query examples and the distinct vectors they share."""
 
     def __init__(self):
+        self.blocks: dict[bytes, list[int]] = {}  # a task's whole block of vectors -> their uids
         self.uid_of: dict[bytes, int] = {}
         self.owners: dict[int, list[tuple[int, int]]] = {}  # uid -> [(position, task id)], by position
         self.rows: dict[int, list[int]] = {}  # task id -> its uids
@@ -50,6 +51,16 @@ class _Examples:
 
     def add(self, tid: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Record a task's examples; returns (new uids, their rows in x) to put in the index."""
+        block = hashlib.blake2b(x.tobytes(), digest_size=16).digest()
+        known = self.blocks.get(block)
+        if known is not None and all(u in self.owners for u in known):
+            # the same examples as another task (switches built from one example set): no row to hash
+            for uid in known:
+                self.owners[uid].append((self.next_pos, tid))
+                self.next_pos += 1
+            self.rows[tid] = list(known)
+            self.count += len(known)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         uids, new, new_rows = [], [], []
         for r, row in enumerate(x):
             key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
@@ -64,6 +75,7 @@ class _Examples:
             self.next_pos += 1
             uids.append(uid)
         self.rows[tid] = uids
+        self.blocks[block] = uids
         self.count += len(uids)
         return np.asarray(new, np.int64), np.asarray(new_rows, np.int64)
 

@@ -82,6 +82,7 @@ class Switch:
     payload_bytes: int = 0  # on-disk bytes of mask, sign and scale; set when written or read
     format_version: int = 2
     query_count: int = 0  # rows of query embeddings, also once ``queries`` is dropped after indexing
+    queries_at: tuple | None = None  # (offset, bytes, dtype, shape) of the queries in ``source``
     source: Path | None = None  # the file the bits are read from, for switches read lazily
 
     @property
