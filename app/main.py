@@ -21,7 +21,7 @@ from . import errors, logs
 from .batching import MicroBatcher
 from .metrics import Metrics
 from .middleware import RequestContext
-from .routes import admin, health, predict, switches
+from .routes import admin, health, predict, repository, switches, v2
 from .settings import DEFAULT_BANK, DEMO_COPY, Settings
 
 log = logging.getLogger("switchbank.app")
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None, *, configure_logging: bool = Tr
     app.state.ready = False
     app.state.metrics = Metrics(app.state)
     errors.install(app)
-    for r in (predict.router, switches.router, admin.router, health.router):
+    for r in (predict.router, switches.router, admin.router, health.router, v2.router, repository.router):
         app.include_router(r)
     app.add_middleware(RequestContext, settings=settings, metrics=app.state.metrics)
     return app

@@ -24,7 +24,8 @@ class RequestContext:
         self.app, self.settings, self.metrics = app, settings, metrics
 
     def _limit(self, path: str) -> int:
-        return self.settings.upload_limit if path.startswith("/v1/admin") else self.settings.body_limit
+        admin = path.startswith("/v1/admin") or path.startswith("/v2/repository")
+        return self.settings.upload_limit if admin else self.settings.body_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -99,6 +100,13 @@ def _route_label(path: str) -> str:
     """A bounded label set for metrics: switch names are not labels."""
     if path.startswith("/v1/admin/switches/"):
         return "/v1/admin/switches/{name}"
+    if path.startswith("/v2/models/"):
+        tail = path.rsplit("/", 1)[-1]
+        return "/v2/models/{name}/" + tail if tail in ("infer", "ready", "config") else "/v2/models/{name}"
+    if path.startswith("/v2/repository/models/"):
+        tail = path.rsplit("/", 1)[-1]
+        return "/v2/repository/models/{name}/" + (tail if tail in ("load", "unload") else "other")
     known = ("/v1/predict/batch", "/v1/predict", "/v1/switches", "/v1/admin/switches", "/v1/admin/cache",
-             "/livez", "/readyz", "/metrics", "/docs", "/openapi.json")
+             "/livez", "/readyz", "/metrics", "/docs", "/openapi.json", "/v2", "/v2/health/live", "/v2/health/ready",
+             "/v2/repository/index")
     return path if path in known else "other"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import fused, mixed
+from . import fused, mixed, packing
 from .backbone import Backbone
 from .bank import Bank
 from .cache import DeltaCache
@@ -114,6 +114,7 @@ class Engine:
         self.on_materialise = None  # optional callback(seconds), for metrics
         if fused.supports(backbone.params.values()):
             fused.warm_up()  # compile the merge kernel now, not inside the first request
+        packing.warm_up()  # and the kernels that decode a switch's bits on first use
 
     # --- the switch set -------------------------------------------------------------------
     @property

@@ -277,3 +277,11 @@ def rice_to_bitmap(stream: np.ndarray, n: int, kept: int, k: int, unary_bits: in
     if got != kept:
         raise ValueError(f"Rice stream encodes {got} set bits, expected {kept}")
     return out
+
+
+def warm_up() -> None:
+    """Compile (or load) the decoding kernels now rather than inside the first cold switch's load."""
+    mask = pack_bits(np.array([1, 0, 1, 1, 0, 0, 0, 1, 1], dtype=bool))
+    expand_signs(mask, pack_bits(np.array([1, 0, 1, 1, 0], dtype=bool)), [2], [5])
+    stream, k, ub = rice_encode(np.array([0, 1, 0, 0, 1] * 3, dtype=bool))
+    rice_to_bitmap(stream, 15, 6, k, ub)

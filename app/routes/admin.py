@@ -31,19 +31,28 @@ async def _upload_bytes(request: Request) -> bytes:
     return await form_file(form, "file", "the switch file").read()
 
 
+def store_switch(state, data: bytes, replace: bool, expect_name: str | None = None):
+    """Verify and store a switch file, then serve it (blocking; run it in a thread). Returns
+    (switch, changed). The same path serves /v1/admin uploads and /v2 repository loads."""
+    def validate(sw):
+        if expect_name is not None and sw.name != expect_name:
+            raise InvalidInput(f"the file holds switch {sw.name!r}, not {expect_name!r}")
+        state.engine.validate(sw)
+    sw, changed = state.bank.add(data, replace=replace, validate=validate, check=state.engine.check_layout)
+    state.engine.sync(state.bank)
+    return sw, changed
+
+
+def delete_switch(state, name: str) -> None:
+    """Remove a switch from the bank and stop serving it (blocking)."""
+    check_name(name)
+    state.bank.remove(name)
+    state.engine.sync(state.bank)
+
+
 async def _store(request: Request, data: bytes, replace: bool, expect_name: str | None = None):
     state = request.app.state
-
-    def work():
-        def validate(sw):
-            if expect_name is not None and sw.name != expect_name:
-                raise InvalidInput(f"the file holds switch {sw.name!r}, not {expect_name!r}")
-            state.engine.validate(sw)
-        sw, changed = state.bank.add(data, replace=replace, validate=validate, check=state.engine.check_layout)
-        state.engine.sync(state.bank)
-        return sw, changed
-
-    sw, changed = await run_in_threadpool(work)
+    sw, changed = await run_in_threadpool(store_switch, state, data, replace, expect_name)
     body = {"name": sw.name, "content_hash": sw.content_hash, "changed": changed, "generation": state.engine.generation}
     return JSONResponse(body, status_code=201 if changed else 200)
 
@@ -62,14 +71,8 @@ async def replace_switch(name: str, request: Request):
 
 @router.delete("/switches/{name}", summary="Remove a switch from the bank and stop serving it")
 async def delete(name: str, request: Request):
-    check_name(name)
     state = request.app.state
-
-    def work():
-        state.bank.remove(name)
-        state.engine.sync(state.bank)
-
-    await run_in_threadpool(work)
+    await run_in_threadpool(delete_switch, state, name)
     return {"name": name, "deleted": True, "generation": state.engine.generation}
 
 
