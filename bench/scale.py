@@ -20,7 +20,6 @@ switch owns a distinct region of the router's space. For each size it measures:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import statistics
@@ -36,7 +35,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from bench.common import ROOT, free_port, machine, md_table, write
+from bench.common import ROOT, free_port, md_table, write
 from switchbank.format import META_KEY, content_hash
 
 DEMO = ROOT / "demo" / "bank"
@@ -164,7 +163,6 @@ def in_process(bank: Path, nprobes: list[int]) -> dict:
         return float(np.mean([top.split("-")[0] == t for top, t in zip(tops, truth)]))
 
     batch = emb[:16]
-    fwd = _median_time(lambda: eng.embed(torch.stack([backbone.preprocess(im) for _, im in images[:16]])), 5)
     x16 = torch.stack([backbone.preprocess(im) for _, im in images[:16]])
     fwd = _median_time(lambda: eng.embed(x16), 7)
     knn = _median_time(lambda: eng.router.counts(batch), 20)
@@ -196,7 +194,6 @@ def in_process(bank: Path, nprobes: list[int]) -> dict:
             warms.append(_median_time(lambda: eng.materialise(combo, eng.switches), 3))
     cold, warm = statistics.median(colds), statistics.median(warms)
     out.update(cold_load_and_merge_ms=1000 * cold, merge_resident_ms=1000 * warm, cold_over_resident=cold / warm)
-    del exact
     return out
 
 
@@ -249,7 +246,7 @@ def main(argv=None) -> int:
                       "k-NN, batch of 16", "k-NN / forward", "weights equal to exact (demo / synthetic)",
                       "demo routing accuracy (exact)", "Auto-Switch p50 over HTTP", "cold switch / resident merge"], rows)
     demo = results["demo_bank"]["served"]
-    md = [f"# A bank of thousands of switches\n", table, "",
+    md = ["# A bank of thousands of switches\n", table, "",
           f"The six-switch demo bank, for reference: ready in {demo['ready_s']:.1f} s, {demo['rss_after_mb']:.0f} MB "
           f"resident, Auto-Switch p50 {demo['auto_switch_p50_ms']:.0f} ms over HTTP."]
     top = results.get(f"distinct-{max(sizes)}", {})

@@ -1,0 +1,404 @@
+"""The operations of the mixed forward (mixed.py): each parameterised operation of a tower, run
+per group of rows on that group's tensors, which it reads from the active Groups.
+
+Linear and pointwise convolutions write each group's rows into one output; norms, layer scales and
+embeddings take per-row parameters in one operation; a convolution whose output feeds a BatchNorm
+and nothing else gets the norm's affine part folded into each group's weights (exact up to
+rounding), which saves a pass over the activations; attention runs its projections per group and
+the attention itself on the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Names = tuple  # parameter names of one operation, None for an absent bias
+
+
+@dataclass
+class Groups:
+    """The row layout of one mixed forward.
+
+    ``spans`` are the (start, end) row ranges of the groups, in order, covering the batch;
+    ``fetch(g, names)`` returns group g's tensors for ``names`` (None for a None name).
+    """
+
+    spans: list[tuple[int, int]]
+    fetch: Callable[[int, Names], tuple]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # per group, tensors derived from its weights (folded convolutions), kept as long as the
+    # caller keeps the dict: across batches for a cached tower, for one batch otherwise
+    memo: list[dict] | None = None
+    _index: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.memo is None:
+            self.memo = [{} for _ in self.spans]
+
+    @property
+    def index(self) -> torch.Tensor:
+        """The group of each row, for per-row gathers."""
+        if self._index is None:
+            sizes = torch.tensor([e - s for s, e in self.spans])
+            self._index = torch.repeat_interleave(torch.arange(len(self.spans)), sizes).to(self.device)
+        return self._index
+
+    def tensors(self, names: Names) -> list[tuple]:
+        """Each group's tensors for ``names``; a single entry when every group has the same ones,
+        so that the operation runs once on the whole batch."""
+        out = [self.fetch(g, names) for g in range(len(self.spans))]
+        first = out[0]
+        if all(all(a is b for a, b in zip(o, first)) for o in out[1:]):
+            return [first]
+        return out
+
+    def rows(self, values: list[torch.Tensor], ndim: int) -> torch.Tensor:
+        """Per-row copies of per-group ``values`` ([D...] each), shaped [B, 1, ..., D...] for
+        broadcasting against an activation of ``ndim`` dimensions."""
+        stacked = torch.stack(values).index_select(0, self.index)
+        extra = ndim - stacked.dim()
+        return stacked.reshape(stacked.shape[:1] + (1,) * extra + stacked.shape[1:])
+
+
+class _Active(threading.local):
+    groups: Groups | None = None
+    record: list | None = None
+
+
+class _Op(nn.Module):
+    """A parameterised operation that reads its tensors from the active Groups."""
+
+    def __init__(self, active: _Active, names: Names):
+        super().__init__()
+        self.active = active
+        self.names = names
+
+    def tensors(self) -> tuple[Groups, list[tuple]]:
+        g = self.active.groups
+        if self.active.record is not None:
+            self.active.record.append(self.names)
+        return g, g.tensors(self.names)
+
+
+def _per_group(groups: Groups, ts: list[tuple], x: torch.Tensor, fn) -> torch.Tensor:
+    """fn(rows, *tensors) per group on its slice of ``x`` (batch first), joined back in order."""
+    if len(ts) == 1:
+        return fn(x, *ts[0])
+    return torch.cat([fn(x[s:e], *t) for (s, e), t in zip(groups.spans, ts)])
+
+
+def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor) -> torch.Tensor:
+    """F.linear per group over ``x`` [B, ..., in] (batch first), each group writing its slice of
+    one output: no copy to join the groups."""
+    if len(ts) == 1:
+        return F.linear(x, *ts[0])
+    b = x.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    per = x2.shape[0] // b  # rows of x2 per batch row (tokens, pixels)
+    out = x2.new_empty((x2.shape[0], ts[0][0].shape[0]))
+    for (s, e), (w, bias) in zip(groups.spans, ts):
+        rows, dst = x2[s * per:e * per], out[s * per:e * per]
+        w2 = w.reshape(w.shape[0], -1).t()
+        if bias is None:
+            torch.mm(rows, w2, out=dst)
+        else:
+            torch.addmm(bias, rows, w2, out=dst)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+class MixedLinear(_Op):
+    def forward(self, x):
+        g, ts = self.tensors()
+        return _linear_rows(g, ts, x)
+
+
+class MixedConv(_Op):
+    """A 2-D convolution per group.
+
+    Pointwise convolutions of channels_last activations run as per-group matrix products over
+    the pixels, each writing its slice of one output. "Same" padding (timm's Conv2dSame) is applied
+    once to the whole batch. When the trace finds that the output feeds a BatchNorm and nothing
+    else, the norm's affine part is folded into each group's weights and bias (exact up to
+    rounding), which saves a pass over the activations.
+    """
+
+    def __init__(self, active, names, mod: nn.Conv2d, same: bool):
+        super().__init__(active, names)
+        self.same = same
+        self.stride, self.dilation, self.groups = mod.stride, mod.dilation, mod.groups
+        self.padding = mod.padding
+        self.kernel = tuple(mod.kernel_size)
+        self.plain = self._same if same else mod._conv_forward
+        self.pointwise = (not same and self.kernel == (1, 1) and tuple(self.stride) == (1, 1) and self.groups == 1
+                          and tuple(self.padding) == (0, 0) and mod.padding_mode == "zeros")
+        self.bn: MixedBatchNorm | None = None
+        self._pad: dict = {}
+
+    def forward(self, x):
+        if self.bn is not None:
+            g, ts = self.active.groups, self.bn.fold(self)
+        else:
+            g, ts = self.tensors()
+        if len(ts) == 1:
+            return self.plain(x, *ts[0])
+        if self.pointwise and x.is_contiguous(memory_format=torch.channels_last):
+            return _linear_rows(g, ts, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if self.same:
+            x = pad_same(x, self.kernel, self.stride, self.dilation, self._pad)
+            padding = 0
+        else:
+            padding = self.padding
+        out = _per_group(g, ts, x, lambda xs, w, b: F.conv2d(xs, w, b, self.stride, padding, self.dilation,
+                                                              self.groups))
+        if x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
+
+
+    def _same(self, x, w, b):
+        return F.conv2d(pad_same(x, self.kernel, self.stride, self.dilation, self._pad), w, b, self.stride, 0,
+                        self.dilation, self.groups)
+
+
+PAD_KEEP_BYTES = 64 << 20  # padded buffers up to this size are kept between calls
+
+
+def pad_same(x: torch.Tensor, kernel, stride, dilation, keep: dict | None = None) -> torch.Tensor:
+    """TensorFlow's "SAME" padding, as timm's Conv2dSame applies it, with one copy of ``x``.
+
+    F.pad zeroes a fresh output and then copies the interior. Here the padded buffer of the last
+    shape is kept in ``keep`` (the caller's, used by one forward at a time): its border is zero
+    from the first call on, so each later call only copies the interior.
+    """
+    pads = []
+    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation):
+        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+        pads.append((total // 2, total - total // 2))
+    (t, b), (left, r) = pads
+    if not (t or b or left or r):
+        return x
+    n, c, h, w = x.shape
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    shape = (n, c, h + t + b, w + left + r)
+    key = (shape, x.dtype, x.device, fmt)
+    out = keep.get(key) if keep is not None else None
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+        if keep is not None:
+            keep.clear()
+            if out.numel() * out.element_size() <= PAD_KEEP_BYTES:
+                keep[key] = out
+    out[:, :, t:t + h, left:left + w] = x
+    return out
+
+
+class MixedBatchNorm(_Op):
+    """Inference BatchNorm2d (running statistics) with per-row affine parameters, then the
+    activation and dropout of timm's BatchNormAct2d, after the mixing."""
+
+    def __init__(self, active, names, mod: nn.BatchNorm2d):
+        super().__init__(active, names)
+        self.eps = mod.eps
+        self.register_buffer("mean", mod.running_mean, persistent=False)
+        self.register_buffer("var", mod.running_var, persistent=False)
+        self.register_buffer("inv", torch.rsqrt(mod.running_var + mod.eps), persistent=False)
+        self.drop = getattr(mod, "drop", nn.Identity())
+        self.act = getattr(mod, "act", nn.Identity())
+        self.folded = False  # set by the convolution that applied this norm's affine part
+
+    def _affine(self, ts: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        scale = [t[0] * self.inv for t in ts]
+        return scale, [t[1] - self.mean * s for t, s in zip(ts, scale)]
+
+    def fold(self, conv: MixedConv) -> list[tuple]:
+        """Per group, ``conv``'s (weight, bias) with this norm's affine part folded in: from the
+        group's memo (a cached tower's are computed when it is built), else computed now."""
+        g = self.active.groups
+        if self.active.record is not None:
+            self.active.record.extend((conv.names, self.names))
+        key = id(conv)
+        out = []
+        for i, memo in enumerate(g.memo):
+            hit = memo.get(key)
+            if hit is None:
+                w, b = g.fetch(i, conv.names)
+                gamma, beta = g.fetch(i, self.names)
+                hit = memo[key] = fold(w, b, gamma, beta, self.mean, self.inv)
+            out.append(hit)
+        self.folded = True
+        return out
+
+    def forward(self, x):
+        if self.folded:
+            self.folded = False
+        else:
+            g, ts = self.tensors()
+            if len(ts) == 1:
+                w, b = ts[0]
+                x = F.batch_norm(x, self.mean, self.var, w, b, False, 0.0, self.eps)
+            elif x.is_contiguous(memory_format=torch.channels_last):
+                # per-channel values along the innermost (channel) dimension: a plain stream
+                scale, shift = self._affine(ts)
+                xs = x.permute(0, 2, 3, 1)
+                x = torch.addcmul(g.rows(shift, 4), xs, g.rows(scale, 4)).permute(0, 3, 1, 2)
+            else:
+                scale, shift = self._affine(ts)
+                x = torch.addcmul(g.rows(shift, 2)[..., None, None], x, g.rows(scale, 2)[..., None, None])
+        return self.act(self.drop(x))
+
+
+def fold(w, b, gamma, beta, mean, inv) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv(x, w, b) followed by inference BatchNorm as one convolution's (weight, bias)."""
+    scale = gamma * inv
+    shift = beta - mean * scale
+    return w * scale.view(-1, *([1] * (w.dim() - 1))), shift if b is None else torch.addcmul(shift, b, scale)
+
+
+class MixedLayerNorm(_Op):
+    """LayerNorm with per-row weight and bias: normalise all rows at once, then apply each row's
+    affine part. ``fp32`` follows open_clip's LayerNormFp32 (normalise in fp32, cast back)."""
+
+    def __init__(self, active, names, shape, eps, fp32: bool):
+        super().__init__(active, names)
+        self.shape, self.eps, self.fp32 = tuple(shape), eps, fp32
+
+    def forward(self, x):
+        g, ts = self.tensors()
+        dtype = x.dtype
+        xin = x.float() if self.fp32 else x
+        if len(ts) == 1:
+            w, b = ts[0]
+            return F.layer_norm(xin, self.shape, w, b, self.eps).to(dtype)
+        y = F.layer_norm(xin, self.shape, None, None, self.eps)
+        w = g.rows([t[0] for t in ts], y.dim())
+        if ts[0][1] is None:
+            return (y * w).to(dtype)
+        return torch.addcmul(g.rows([t[1] for t in ts], y.dim()), y, w).to(dtype)
+
+
+class MixedLayerScale(_Op):
+    def forward(self, x):
+        g, ts = self.tensors()
+        if len(ts) == 1:
+            return x * ts[0][0]
+        return x * g.rows([t[0] for t in ts], x.dim())
+
+
+class MixedSelfAttention(_Op):
+    """nn.MultiheadAttention (batch first, self-attention, packed in-projection) with per-group
+    projections and the attention itself on the whole batch."""
+
+    def __init__(self, active, prefix: str, mod: nn.MultiheadAttention):
+        super().__init__(active, (prefix + "in_proj_weight", prefix + "in_proj_bias"))
+        self.out_names = (prefix + "out_proj.weight", prefix + "out_proj.bias")
+        self.heads = mod.num_heads
+
+    def forward(self, query, key=None, value=None, need_weights=False, attn_mask=None, **_):
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("mixed attention supports self-attention only")
+        g, ts = self.tensors()
+        qkv = _linear_rows(g, ts, query)
+        b, n, d3 = qkv.shape
+        q, k, v = qkv.view(b, n, 3, self.heads, d3 // (3 * self.heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(b, n, d3 // 3)
+        if self.active.record is not None:
+            self.active.record.append(self.out_names)
+        return _linear_rows(g, g.tensors(self.out_names), out), None
+
+
+class MixedViT(nn.Module):
+    """open_clip's VisionTransformer forward with per-row class and positional embeddings and a
+    per-group final projection; its submodules are mixed operations."""
+
+    def __init__(self, active, vit):
+        super().__init__()
+        self.active = active
+        self.vit = vit
+
+    def _embed(self, g: Groups, name: str) -> list[torch.Tensor]:
+        if self.active.record is not None:
+            self.active.record.append((name,))
+        return [t[0] for t in g.tensors((name,))]
+
+    def forward(self, x):
+        vit, g = self.vit, self.active.groups
+        x = vit.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = self._embed(g, "class_embedding")
+        cls = cls[0].view(1, 1, -1).expand(x.shape[0], -1, -1) if len(cls) == 1 else g.rows(cls, 3)
+        x = torch.cat([cls.to(x.dtype), x], dim=1)
+        pos = self._embed(g, "positional_embedding")
+        x = x + (pos[0] if len(pos) == 1 else g.rows(pos, 3)).to(x.dtype)
+        x = vit.ln_pre(vit.patch_dropout(x))
+        x = vit.transformer(x)
+        pooled, _ = vit._pool(x)
+        proj = self._embed(g, "proj")
+        return _per_group(g, [(p,) for p in proj], pooled, torch.matmul)
+
+
+def _conv_kind(mod: nn.Conv2d) -> bool | None:
+    """False for a plain Conv2d, True for timm's Conv2dSame, None for anything else."""
+    if type(mod) is nn.Conv2d:
+        return False
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+    except ImportError:  # timm absent: no timm towers either
+        return None
+    return True if type(mod) is Conv2dSame else None
+
+
+def _layer_norm_kind(mod) -> bool | None:
+    """False for a LayerNorm computing in its input's dtype, True for open_clip's LayerNormFp32,
+    None for anything else."""
+    try:
+        from open_clip.transformer import LayerNorm, LayerNormFp32
+    except ImportError:
+        return None
+    if type(mod) in (nn.LayerNorm, LayerNorm):
+        return False
+    if type(mod) is LayerNormFp32:
+        return True
+    return None
+
+
+def _batch_norm_ok(mod) -> bool:
+    if type(mod) is nn.BatchNorm2d:
+        return mod.track_running_stats and mod.affine
+    try:
+        from timm.layers.norm_act import BatchNormAct2d
+    except ImportError:
+        return False
+    return type(mod) is BatchNormAct2d and mod.track_running_stats and mod.affine
+
+
+def _mixed_module(active: _Active, prefix: str, mod: nn.Module) -> nn.Module | None:
+    """The mixed replacement of ``mod`` (named ``prefix``), or None if it has none."""
+    def bias():
+        return prefix + "bias" if getattr(mod, "bias", None) is not None else None
+
+    if isinstance(mod, nn.Linear) and type(mod) is nn.Linear:
+        return MixedLinear(active, (prefix + "weight", bias()))
+    if isinstance(mod, nn.Conv2d):
+        same = _conv_kind(mod)
+        return None if same is None else MixedConv(active, (prefix + "weight", bias()), mod, same)
+    kind = _layer_norm_kind(mod)
+    if kind is not None and mod.elementwise_affine:
+        return MixedLayerNorm(active, (prefix + "weight", bias()), mod.normalized_shape, mod.eps, kind)
+    if isinstance(mod, nn.BatchNorm2d) and _batch_norm_ok(mod):
+        return MixedBatchNorm(active, (prefix + "weight", prefix + "bias"), mod)
+    if type(mod).__name__ == "LayerScale" and not getattr(mod, "inplace", False):
+        return MixedLayerScale(active, (prefix + "gamma",))
+    if (type(mod) is nn.MultiheadAttention and mod.batch_first and mod._qkv_same_embed_dim
+            and mod.bias_k is None and not mod.add_zero_attn and mod.in_proj_bias is not None):
+        return MixedSelfAttention(active, prefix, mod)
+    return None

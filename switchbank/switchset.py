@@ -1,0 +1,166 @@
+"""The set of switches an engine serves: checking a switch against the backbone, adding and
+removing switches, following a bank directory (switches read without their bits, see format.py),
+and the router's source of query embeddings. Engine (engine.py) builds on it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from .bank import Bank
+from .errors import Incompatible, NotFound
+from .format import read_queries
+from .types import Switch
+
+log = logging.getLogger("switchbank.engine")
+
+
+class SwitchSet:
+    """Needs, from the engine: backbone, router, resident, cache and hot."""
+
+    def __init__(self):
+        self._switches: dict[str, Switch] = {}
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # the bank watcher and admin calls may sync at once
+        self.generation = -1
+
+    @property
+    def switches(self) -> dict[str, Switch]:
+        with self._lock:
+            return dict(self._switches)
+
+    def check_layout(self, layout) -> None:
+        """Raise unless a switch file's declared layout fits this backbone (before it is decoded)."""
+        meta = layout.meta
+        self._fits(meta["name"], meta["backbone_fingerprint"], layout.shapes(),
+                   [k[len("dense."):] for k in layout.table if k.startswith("dense.")],
+                   layout.dim("head.weight", 1), layout.dim("queries", 1), meta.get("router_fingerprint"))
+
+    def validate(self, sw: Switch) -> None:
+        """Raise unless ``sw`` can run on this backbone (fingerprint, shapes, head, queries)."""
+        self._fits(sw.name, sw.backbone_fingerprint, {e.name: e.shape for e in sw.entries}, list(sw.dense),
+                   None if sw.head is None else sw.head.weight.shape[1],
+                   None if sw.queries is None else sw.queries.shape[1], sw.router_fingerprint)
+
+    def _fits(self, name, fingerprint, shapes, dense, head_dim, query_dim, router_fingerprint) -> None:
+        b = self.backbone
+        if fingerprint != b.fingerprint:
+            raise Incompatible(f"switch {name!r} was built for backbone {fingerprint[:19]}..., "
+                               f"this server runs {b.fingerprint[:19]}... ({b.arch})")
+        for tensor, shape in shapes.items():
+            t = b.params.get(tensor)
+            if t is None:
+                raise Incompatible(f"switch {name!r} has tensor {tensor!r}, which the backbone lacks")
+            if tuple(t.shape) != tuple(shape):
+                raise Incompatible(f"switch {name!r} tensor {tensor!r} has shape {tuple(shape)}, backbone {tuple(t.shape)}")
+        for tensor in dense:
+            if tensor not in b.params or b.params[tensor].dim() != 0:
+                raise Incompatible(f"switch {name!r} has 0-dim tensor {tensor!r}, which the backbone lacks")
+        if head_dim is None:
+            raise Incompatible(f"switch {name!r} has no classification head; build it with --head")
+        if head_dim != b.embed_dim:
+            raise Incompatible(f"switch {name!r} head expects {head_dim}-d embeddings, backbone gives {b.embed_dim}")
+        if query_dim is not None:
+            if router_fingerprint != b.fingerprint:
+                raise Incompatible(f"switch {name!r} query embeddings come from another encoder ({router_fingerprint})")
+            if query_dim != b.embed_dim:
+                raise Incompatible(f"switch {name!r} query embeddings are {query_dim}-d, router is {b.embed_dim}-d")
+
+    def add(self, sw: Switch) -> None:
+        """Serve ``sw`` (replacing a switch of the same name); cached merges that used the old one go."""
+        self._register(sw)
+        queries = self._queries_of(sw)
+        if queries is not None:
+            self.router.add(sw.name, queries)
+        else:
+            self.router.remove(sw.name)
+        self._drop_queries(sw)
+
+    def _register(self, sw: Switch) -> None:
+        self.validate(sw)
+        sw.to(self.backbone.device)
+        with self._lock:
+            self._switches[sw.name] = sw
+        self.resident.forget(sw.name)
+        self.resident.track(sw)
+        stale = lambda key: sw.name in key.names and key.hashes().get(sw.name) != sw.content_hash  # noqa: E731
+        self.cache.invalidate(stale)
+        self.hot.forget(stale)
+
+    @staticmethod
+    def _queries_of(sw: Switch):
+        if sw.queries is not None:
+            return sw.queries
+        return read_queries(sw) if sw.source is not None and sw.query_count else None
+
+    @staticmethod
+    def _drop_queries(sw: Switch) -> None:
+        """The router holds its own copy; a switch that can read them again from its file need not."""
+        if sw.source is not None:
+            sw.queries = None
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            if self._switches.pop(name, None) is None:
+                raise NotFound(f"no switch named {name!r}")
+        self.router.remove(name)
+        self.resident.forget(name)
+        self.cache.invalidate(lambda key: name in key.names)
+        self.hot.forget(lambda key: name in key.names)
+
+    def sync(self, bank: Bank) -> bool:
+        """Bring the served set in line with ``bank`` if its generation moved. Returns whether it did.
+
+        Switches are read without their bits (format.read_light): start-up costs their headers, heads
+        and query embeddings, not the bank's size in bits. The first sync builds the router index in
+        one go; later ones change it incrementally, and rebuild it in the background when it drifts."""
+        with self._sync_lock:
+            return self._sync(bank)
+
+    def _sync(self, bank: Bank) -> bool:
+        m = bank.manifest()
+        if m.generation == self.generation:
+            return False
+        first = self.generation < 0 and not self.switches
+        current = {n: s.content_hash for n, s in self.switches.items()}
+        for name in set(current) - set(m.switches):
+            self.remove(name)
+        for name, info in m.switches.items():
+            if current.get(name) == info["content_hash"]:
+                continue
+            try:
+                sw = bank.load(name, light=True, info=info)
+                if first:
+                    self._register(sw)
+                else:
+                    self.add(sw)
+            except NotFound:
+                continue  # removed again meanwhile; the next sync settles it
+            except Exception:
+                log.exception("switch %s in the bank cannot be served; skipping it", name)
+        if first:
+            self.router.load(self._query_source, self._query_counts())
+            for sw in self.switches.values():
+                self._drop_queries(sw)
+        else:
+            self.router.rebuild(self._query_source, self._query_counts())
+        self.generation = m.generation
+        return True
+
+    def _query_counts(self) -> dict[str, int]:
+        return {n: sw.query_count or (0 if sw.queries is None else int(sw.queries.shape[0]))
+                for n, sw in self.switches.items() if sw.query_count or sw.queries is not None}
+
+    def _query_source(self, names: list[str] | None):
+        switches = self.switches
+        for name in (sorted(switches) if names is None else names):
+            sw = switches.get(name)
+            if sw is None:
+                continue
+            try:
+                q = self._queries_of(sw)
+            except Exception:
+                log.exception("query embeddings of switch %s cannot be read; it is left out of routing", name)
+                continue
+            if q is not None:
+                yield name, q
