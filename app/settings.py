@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     pin: str = Field("", description=(
         "comma-separated switch names whose bits stay resident and whose merged weights are built at start-up"))
     router_exact_max: int = Field(20_000, ge=0, description=(
-        "query vectors up to which Auto-Switch searches exactly; above, an approximate (IVF) index"))
+        "distinct query vectors up to which Auto-Switch searches exactly; above, an approximate (IVF) index"))
     router_nprobe: int = Field(32, ge=1, le=4096, description="lists the approximate index searches per query")
     scratch_bytes: int = Field(256 << 20, ge=1 << 20, description=(
         "scratch memory for weights merged just in time for combinations without a cached tower"))
@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     body_limit: int = Field(32 << 20, ge=1024, description="largest predict request body in bytes")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest decoded image (width x height)")
     batch_items: int = Field(64, ge=1, description="most images in one batch request")
-    admin_token: SecretStr | None = Field(None, description="bearer token for /v1/admin; admin routes are closed without it")
+    admin_token: SecretStr | None = Field(None, description=(
+        "bearer token for /v1/admin and /v2/repository; those routes are closed without it"))
     sync_seconds: float = Field(2.0, gt=0, description="how often to look for bank changes made by other replicas")
     drain_seconds: int = Field(30, ge=0, description="how long shutdown waits for in-flight requests")
     request_timeout: float = Field(60.0, gt=0, description="a request waiting longer than this gets 503")

@@ -58,7 +58,7 @@ def synthetic_finetune(tower: dict[str, torch.Tensor], seed: int, scale: float =
         if is_buffer_name(k, v):
             out[k] = v
             continue
-        u = torch.rand(v.shape, generator=g) - 0.5
+        u = torch.rand(v.shape, generator=g).clamp(1e-7, 1 - 1e-7) - 0.5  # log1p(-1) would be infinite
         out[k] = v + (-torch.sign(u) * torch.log1p(-2 * u.abs()) * scale).to(v.dtype)  # Laplace
     return out
 

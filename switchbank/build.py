@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoints import check_compatible, fingerprint, is_buffer_name
-from .errors import InvalidInput
+from .errors import CheckpointError, InvalidInput
 from .format import to_bytes
 from .packing import encode_compact, compact_to_dense
 from .types import Head, Switch, TensorEntry
@@ -85,6 +85,8 @@ def build_switch(
                 differing.append(tname)
             continue
         tau = fin.to(torch.float32) - pre.to(torch.float32)
+        if not torch.isfinite(tau).all():
+            raise CheckpointError(f"tensor {tname!r}: the checkpoints hold NaN or infinite values")
         if tau.dim() == 0:
             if tau.item() != 0.0:
                 dense[tname] = tau.clone()

@@ -35,7 +35,7 @@ def finetune(tower: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> 
         if is_buffer_name(k, v):
             out[k] = v.clone()
             continue
-        u = torch.rand(v.shape, generator=g) - 0.5
+        u = torch.rand(v.shape, generator=g).clamp(1e-7, 1 - 1e-7) - 0.5  # log1p(-1) would be infinite
         lap = -torch.sign(u) * torch.log1p(-2 * u.abs()) * scale
         out[k] = v + lap.to(v.dtype)
     return out

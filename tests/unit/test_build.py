@@ -101,3 +101,13 @@ def test_build_rejects_mismatch_naming_the_tensor(tower):
 def test_build_rejects_bad_alpha(tower, alpha):
     with pytest.raises(InvalidInput, match="alpha"):
         build_switch(tower, tower, "t", alpha)
+
+
+def test_non_finite_checkpoints_are_refused():
+    from switchbank.errors import CheckpointError
+    pre = {"w": torch.zeros(4, 4)}
+    for bad in (float("inf"), float("nan")):
+        fin = {"w": torch.zeros(4, 4)}
+        fin["w"][1, 2] = bad
+        with pytest.raises(CheckpointError, match="'w'"):
+            build_switch(pre, fin, "bad", 0.5)
