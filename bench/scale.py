@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from bench.common import ROOT, free_port, md_table, write
+from bench.common import ROOT, free_port, md_table, start_server, wait_ready, write
 from switchbank.format import META_KEY, content_hash
 
 DEMO = ROOT / "demo" / "bank"
@@ -89,23 +88,11 @@ def served(bank: Path, requests: int = 40) -> dict:
     """Start the real server on ``bank``; time to ready, memory, Auto-Switch latency."""
     import httpx
     port = free_port()
-    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "SWITCHBANK_ROUTER_METRIC": "cosine"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--bank", str(bank), "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_server(bank, port, router_metric="cosine")
     url = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() - t0 > 600:
-                raise TimeoutError("not ready after 600 s")
-            time.sleep(0.05)
+        wait_ready(port, proc, timeout=900)
         ready = time.perf_counter() - t0
         p = psutil.Process(proc.pid)
         rss_ready = p.memory_info().rss

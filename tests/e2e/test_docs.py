@@ -12,11 +12,11 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+
+from bench.common import wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -52,15 +52,7 @@ def demo_server():
     proc = subprocess.Popen(["bash", "scripts/serve-demo.sh"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        end = time.time() + 600
-        while time.time() < end:
-            assert proc.poll() is None, "scripts/serve-demo.sh exited"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_ready(port, proc, timeout=600)
         yield port
     finally:
         os.killpg(proc.pid, 15)
