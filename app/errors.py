@@ -41,6 +41,16 @@ STATUS = [
 ]
 
 
+def validation_message(exc, prefix: str = "") -> str:
+    """A pydantic ValidationError as one line: each field's location and what was wrong with it."""
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(map(str, e["loc"]))
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        parts.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix}{msg}")
+    return "; ".join(parts)
+
+
 def status_of(exc: SwitchBankError) -> int:
     return next(code for cls, code in STATUS if isinstance(exc, cls))
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
 import shutil
+import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,17 +35,28 @@ class StartupError(RuntimeError):
 
 
 def _bank_dir(settings: Settings) -> Path:
-    """The bank to serve: the bundled demo bank is copied once to var/demo-bank and served from
-    there, so that uploads and deletes never modify the repository's tracked files."""
+    """The bank to serve: the bundled demo bank is copied to var/demo-bank and served from there,
+    so that uploads and deletes never modify the repository's tracked files. The copy is made again
+    when the bundled bank changes (its manifest's hash is kept beside the copy)."""
     path = Path(settings.bank)
     if path.resolve() != DEFAULT_BANK.resolve():
         return path
-    if not (DEMO_COPY / "manifest.json").is_file():
-        tmp = DEMO_COPY.with_name(DEMO_COPY.name + ".partial")
+    source = hashlib.sha256((DEFAULT_BANK / "manifest.json").read_bytes()).hexdigest()
+    marker = DEMO_COPY.with_name(DEMO_COPY.name + ".from")
+    if not (DEMO_COPY / "manifest.json").is_file() or not marker.is_file() or marker.read_text() != source:
+        DEMO_COPY.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".demo-bank-", dir=DEMO_COPY.parent))  # servers may start together
+        shutil.copytree(DEFAULT_BANK, tmp / "bank", ignore=shutil.ignore_patterns(".lock", ".tmp-*"))
+        old = DEMO_COPY.with_name(f".old-{os.getpid()}")
+        if DEMO_COPY.exists():
+            DEMO_COPY.rename(old)
+        try:
+            (tmp / "bank").rename(DEMO_COPY)
+        except OSError:  # another server put its copy there first: use that one
+            pass
+        marker.write_text(source)
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(DEFAULT_BANK, tmp, ignore=shutil.ignore_patterns(".lock", ".tmp-*"))
-        shutil.rmtree(DEMO_COPY, ignore_errors=True)
-        tmp.rename(DEMO_COPY)
+        shutil.rmtree(old, ignore_errors=True)
         log.info("serving the bundled demo bank from a copy in %s", DEMO_COPY)
     return DEMO_COPY
 

@@ -161,8 +161,9 @@ def overload(seconds: float = 10, concurrency: int = 64) -> dict:
 
 # --- soak ----------------------------------------------------------------------------------------
 def soak(seconds: float = 180, concurrency: int = 8) -> dict:
-    """Mixed-task traffic plus periodic uploads and deletes of switches that do not take part in
-    routing; every answer must equal the same request served alone before the soak."""
+    """Shuffled held-out images of all six demo tasks (half named, half Auto-Switch) plus periodic
+    uploads and deletes of switches that do not take part in routing; every answer must equal the
+    same request served alone before the soak."""
     bank = copy_demo_bank()
     versions = churn_versions(bank, n=2)
     port = free_port()
@@ -389,7 +390,8 @@ def report(results: dict) -> None:
     if "soak" in results:
         s = results["soak"]
         lines += ["## Soak", "",
-                  f"{s['seconds']:.0f} s of mixed-task traffic from 8 clients with {s['uploads']} uploads and {s['deletes']} "
+                  f"{s['seconds']:.0f} s of traffic from 8 clients (the held-out test images of all six demo tasks, shuffled, "
+                  f"half naming their task and half left to Auto-Switch) with {s['uploads']} uploads and {s['deletes']} "
                   f"deletes: {s['requests']} requests, {s['errors']} errors (5xx or otherwise), {s['mismatches']} answers "
                   f"that differed from the same request served alone. Resident memory {s['rss_start_mb']:.0f} MB at start, "
                   f"{s['rss_end_mb']:.0f} MB at the end, drift {s['rss_drift_mb']:+.1f} MB (mean of the last third of "

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     http.main(["--requests", "150" if args.quick else "400"])
     tag = machine_tag()
     parts = {p: json.loads((RESULTS / f"perf-{p}-{tag}.json").read_text())
-             for p in ("forward", "materialise", "storage", "http")}
+             for p in ("forward", "mixed", "materialise", "storage", "http")}
     (RESULTS / f"perf-{tag}.json").write_text(json.dumps({"machine": machine(), **parts}, indent=1) + "\n")
     md = "\n\n".join((RESULTS / f"perf-{p}-{tag}.md").read_text() for p in parts)
     (RESULTS / f"perf-{tag}.md").write_text(md)

@@ -57,6 +57,28 @@ class DeltaCache:
         with self._lock:
             return list(self._entries)
 
+    def victims(self, nbytes: int) -> list[Hashable] | None:
+        """The keys that caching ``nbytes`` more would evict, least recently used first (none are
+        evicted here), or None when it cannot fit even with every unpinned entry gone."""
+        with self._lock:
+            if nbytes > self.capacity:
+                return None
+            need = self._bytes + nbytes - self.capacity
+            out = []
+            for key, entry in self._entries.items():
+                if need <= 0:
+                    break
+                if entry.pins == 0:
+                    out.append(key)
+                    need -= entry.nbytes
+            return out if need <= 0 else None
+
+    def typical_bytes(self) -> int:
+        """The size of the most recently cached entry (0 when empty): every entry of one tower has
+        about the same size, so this is what the next one will take."""
+        with self._lock:
+            return next(reversed(self._entries.values())).nbytes if self._entries else 0
+
     def stats(self) -> CacheStats:
         with self._lock:
             s = CacheStats(**vars(self._stats))

@@ -3,14 +3,12 @@
 Each request in a batch is routed on its own (a named task, explicit weights, or Auto-Switch);
 requests with equal combinations form one group. Weights are never averaged across requests.
 
-How a batch runs:
-- one group whose combination has a cached merged tower: that tower's forward, as a plain model;
-- otherwise one mixed forward (mixed.py) for the whole batch: each parameterised operation runs per
-  group, on the cached tower's tensors for hot combinations and on tensors merged just in time
-  (jit.py) for the rest. Which combinations get a cached tower is decided by a HotSet (hot.py), so a
-  mix that is not hot never takes a tower-sized cache entry;
-- towers the mixed forward cannot run fall back to one forward per group, each on a cached tower
-  (logged once at start-up and counted in ``stats``).
+How a batch runs: one mixed forward (mixed.py) for the whole batch, each parameterised operation
+per group, on cached merged weights for hot combinations and on weights merged just in time
+(jit.py) for the rest (a batch of one group runs every operation whole). Which combinations get
+cached weights is decided by a HotSet (hot.py), so a mix that is not hot never takes a tower-sized
+cache entry. Towers the mixed forward cannot run fall back to one forward per group, each on a
+cached replica of the tower (logged once at start-up and counted in ``stats``).
 """
 
 from __future__ import annotations
@@ -48,7 +46,8 @@ class Route:
 
 @dataclass
 class Merged:
-    """A cached combination: the tower running its weights, and those weights by name."""
+    """A cached combination: its merged weights by name (those the mixed forward reads), what the
+    mixed forward derives from them, and a replica of the tower where there is no mixed forward."""
 
     module: torch.nn.Module | None  # None where the mixed forward runs every batch
     params: dict[str, torch.Tensor]
@@ -76,6 +75,19 @@ class Result:
     probs: torch.Tensor  # [classes], softmax of the head's logits
     classes: list[str]
     logits: torch.Tensor | None = None  # [classes]
+
+
+class Hashes:
+    """Content hashes by switch name, read from the switches when asked (a bank may hold thousands)."""
+
+    def __init__(self, switches: dict[str, Switch]):
+        self.switches = switches
+
+    def __contains__(self, name) -> bool:
+        return name in self.switches
+
+    def __getitem__(self, name: str) -> str:
+        return self.switches[name].content_hash
 
 
 class Engine(SwitchSet):
@@ -121,7 +133,7 @@ class Engine(SwitchSet):
             raise NotFound(f"cannot pin unknown switch {unknown[0]!r}")
         self.resident.pin([switches[n] for n in names])
         if warm:
-            hashes = {n: s.content_hash for n, s in switches.items()}
+            hashes = Hashes(switches)
             for n in names:
                 combo = Combination.of({n: 1}, hashes)
                 self.hot.seen([combo] * max(1, self.hot.after))
@@ -131,7 +143,7 @@ class Engine(SwitchSet):
     # --- inference ------------------------------------------------------------------------
     def resolve(self, routes: list[Route], x: torch.Tensor, switches: dict[str, Switch]) -> list[tuple[Combination, str]]:
         """The combination and mode of each request; runs the router pass for Auto-Switch ones."""
-        hashes = {n: s.content_hash for n, s in switches.items()}
+        hashes = Hashes(switches)
         out: list[tuple[Combination, str] | None] = [None] * len(routes)
         auto = []
         for i, r in enumerate(routes):
@@ -255,7 +267,9 @@ class Engine(SwitchSet):
         with ExitStack() as stack:
             sources: list[Merged | None] = []
             for combo in groups:
-                make = self._make(combo, switches) if self.hot.is_hot(combo) else None
+                make = None
+                if combo not in self.cache and self.hot.admits(combo, self.cache.victims(self.cache.typical_bytes())):
+                    make = self._make(combo, switches)
                 sources.append(stack.enter_context(self.cache.lease(combo, make)))
             hot = sum(s is not None for s in sources)
             self._count(groups_hot=hot, groups_cold=len(sources) - hot, rows=x.shape[0])

@@ -4,9 +4,11 @@ A cached tower costs a whole tower's memory and one full merge to build; it pays
 combination that comes back. Auto-Switch traffic is mostly a few combinations (one per task) plus a
 long tail of mixes that appear once. A combination is hot once it has appeared in ``after`` batches
 among the recent ones; until then its rows go through the one-pass mixed forward with tensors merged
-just in time, and it takes no cache entry. Counts are halved every ``window`` observations, so a
-combination that stops coming cools down again and the table stays bounded (about 2 x ``window``
-keys at most).
+just in time, and it takes no cache entry. When caching it would evict other combinations, it is
+admitted only if it has come more often than each of them (as TinyLFU admits), so that a full cache
+of combinations that come every batch is not churned by ones that come now and then. Counts are
+halved every ``window`` observations, so a combination that stops coming cools down again and the
+table stays bounded (about 2 x ``window`` keys at most).
 
 ``after=1`` caches every combination on first use; ``after=0`` never caches.
 """
@@ -41,6 +43,14 @@ class HotSet:
             return False
         with self._lock:
             return self._counts.get(key, 0) >= self.after
+
+    def admits(self, key: Hashable, victims: list[Hashable] | None) -> bool:
+        """Whether ``key`` deserves a cache entry that would evict ``victims`` (None: it cannot fit)."""
+        if victims is None or not self.is_hot(key):
+            return False
+        with self._lock:
+            count = self._counts.get(key, 0)
+            return all(self._counts.get(v, 0) < count for v in victims)
 
     def forget(self, predicate) -> None:
         """Drop the counts of combinations that match (a switch was replaced or removed)."""

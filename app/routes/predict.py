@@ -15,7 +15,7 @@ from switchbank.engine import Result, Route
 
 from switchbank.errors import SwitchBankError
 
-from ..errors import BadRequest, status_of
+from ..errors import BadRequest, status_of, validation_message
 from ..forms import content_type, form_file, read_form
 from ..imaging import prepare
 from ..schemas import BatchJSON, BatchResponse, ErrorResponse, Label, PredictJSON, PredictOptions, Prediction, PredictResponse
@@ -41,15 +41,6 @@ FIELDS = ("image", "task", "weights", "top_k")
 MAX_WEIGHTS_CHARS = 16 << 10  # a weights field longer than this cannot be a sane {switch: weight} map
 
 
-def _validation_message(exc: ValidationError, prefix: str = "") -> str:
-    parts = []
-    for e in exc.errors():
-        loc = ".".join(map(str, e["loc"]))
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        parts.append(f"{prefix}{loc}: {msg}" if loc else f"{prefix.rstrip(': ')}{': ' if prefix else ''}{msg}")
-    return "; ".join(parts)
-
-
 def _b64(data: str, where: str = "image") -> bytes:
     """Standard base64, with or without line breaks, optionally as a data: URL."""
     if data.startswith("data:"):
@@ -68,7 +59,7 @@ async def _read_json(request: Request, model):
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise BadRequest(_validation_message(exc)) from None
+        raise BadRequest(validation_message(exc)) from None
     except RecursionError:
         raise BadRequest("JSON body is nested too deeply") from None
 
@@ -111,7 +102,7 @@ async def _parse_single(request: Request) -> tuple[bytes, PredictOptions]:
         try:
             opts = PredictOptions.model_validate(raw)
         except ValidationError as exc:
-            raise BadRequest(_validation_message(exc)) from None
+            raise BadRequest(validation_message(exc)) from None
         return await upload.read(), opts
     raise BadRequest("send multipart/form-data with an 'image' file, or application/json with base64 'image'", 415)
 

@@ -20,11 +20,13 @@ from switchbank.bank import check_name
 from switchbank.errors import NotFound
 
 from ..errors import BadRequest
+from ..schemas import ErrorResponse
 from ..security import require_admin
 from .admin import delete_switch, store_switch
 from .v2 import AUTO
 
-router = APIRouter(prefix="/v2/repository", tags=["open inference protocol"], dependencies=[Depends(require_admin)])
+router = APIRouter(prefix="/v2/repository", tags=["open inference protocol"], dependencies=[Depends(require_admin)],
+                   responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 408, 409, 413, 415, 422)})
 
 
 async def _body(request: Request) -> dict:

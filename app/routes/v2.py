@@ -25,10 +25,10 @@ from switchbank import __version__
 from switchbank.engine import Result, Route
 from switchbank.errors import NotFound
 
-from ..errors import BadRequest
+from ..errors import BadRequest, validation_message
 from ..imaging import prepare
 from ..oip import HEADER, parse_request, response
-from ..schemas import PredictOptions
+from ..schemas import ErrorResponse, PredictOptions
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 AUTO = "auto"
@@ -93,25 +93,52 @@ def _config(state, name: str) -> dict:
     }
 
 
-for suffix in ("", "/versions/{version}"):
-    @router.get(f"/models/{{name}}{suffix}", summary="Model metadata")
-    async def model_metadata(name: str, request: Request, version: str = "1") -> dict:
-        return _metadata(request.app.state, name)
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 404, 408, 413, 415, 422, 503)}
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"}, "parameters": {"type": "object"},
+        "inputs": {"type": "array", "items": {"type": "object"}},
+        "outputs": {"type": "array", "items": {"type": "object"}}}}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
-    @router.get(f"/models/{{name}}{suffix}/ready", summary="The model is ready")
-    async def model_ready(name: str, request: Request, version: str = "1"):
-        state = request.app.state
-        sw = _model(state, name)
-        ok = bool(getattr(state, "ready", False)) and (sw is not None or len(state.engine.router) > 0)
-        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
-    @router.get(f"/models/{{name}}{suffix}/config", summary="The model as a Triton model configuration")
-    async def model_config(name: str, request: Request, version: str = "1") -> dict:
-        return _config(request.app.state, name)
+async def model_metadata(name: str, request: Request) -> dict:
+    return _metadata(request.app.state, name)
 
-    @router.post(f"/models/{{name}}{suffix}/infer", summary="Inference (JSON, or JSON and binary tensor data)")
-    async def infer(name: str, request: Request, version: str = "1") -> Response:
-        return await _infer(request, name)
+
+async def model_ready(name: str, request: Request):
+    state = request.app.state
+    sw = _model(state, name)
+    ok = bool(getattr(state, "ready", False)) and (sw is not None or len(state.engine.router) > 0)
+    return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+
+
+async def model_config(name: str, request: Request) -> dict:
+    return _config(request.app.state, name)
+
+
+async def infer(name: str, request: Request) -> Response:
+    return await _infer(request, name)
+
+
+def _versioned(fn):
+    """The same endpoint under /versions/{version} (every switch has one version, "1")."""
+    async def endpoint(name: str, version: str, request: Request):
+        return await fn(name, request)
+    endpoint.__name__ = fn.__name__ + "_version"
+    return endpoint
+
+
+for path, fn, method, summary, extra in (
+    ("", model_metadata, "GET", "Model metadata", None),
+    ("/ready", model_ready, "GET", "The model is ready", None),
+    ("/config", model_config, "GET", "The model as a Triton model configuration", None),
+    ("/infer", infer, "POST", "Inference (JSON, or JSON and binary tensor data)", INFER_BODY),
+):
+    for prefix in ("/models/{name}", "/models/{name}/versions/{version}"):
+        endpoint = fn if "version" not in prefix else _versioned(fn)
+        router.add_api_route(prefix + path, endpoint, methods=[method], summary=summary, responses=ERRORS,
+                             openapi_extra=extra, response_model=None)
 
 
 def _route(state, name: str, params: dict) -> Route:
@@ -133,8 +160,7 @@ def _route(state, name: str, params: dict) -> Route:
     try:
         opts = PredictOptions.model_validate({"weights": weights})
     except ValidationError as exc:
-        raise BadRequest("parameters." + "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}" for e in exc.errors()), 400) from None
+        raise BadRequest(validation_message(exc, "parameters."), 400) from None
     return Route(weights=opts.weights)
 
 

@@ -194,3 +194,22 @@ def test_slow_body_gets_408(bank_dir):
 
     r = asyncio.run(main())
     assert r.status_code == 408 and "0.3" in r.json()["error"]
+
+
+def test_the_bundled_demo_bank_is_served_from_a_copy(tmp_path, monkeypatch):
+    """Admin changes to the demo bank go to a copy: the repository's files never change."""
+    import hashlib
+
+    import app.main as main_module
+    from app.settings import DEFAULT_BANK
+    copy = tmp_path / "var" / "demo-bank"
+    monkeypatch.setattr(main_module, "DEMO_COPY", copy)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in DEFAULT_BANK.rglob("*") if p.is_file()}
+    settings = Settings(bank=DEFAULT_BANK, device="cpu", admin_token=TOKEN)
+    with TestClient(create_app(settings, configure_logging=False)) as c:
+        r = c.delete("/v1/admin/switches/faces", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 200
+        assert "faces" not in [s["name"] for s in c.get("/v1/switches").json()["switches"]]
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in DEFAULT_BANK.rglob("*") if p.is_file()}
+    assert after == before
+    assert "faces" not in (copy / "manifest.json").read_text()

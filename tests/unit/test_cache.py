@@ -111,3 +111,16 @@ def test_concurrent_misses_build_once():
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError):
         DeltaCache(0)
+
+
+def test_victims_are_named_without_evicting():
+    cache = DeltaCache(300)
+    for key in "abc":
+        with cache.lease(key, lambda: (key, 100)):
+            pass
+    assert cache.victims(50) == ["a"] and cache.victims(250) == ["a", "b", "c"] and cache.victims(400) is None
+    assert cache.keys() == ["a", "b", "c"] and cache.typical_bytes() == 100
+    with cache.lease("b", None):
+        assert cache.victims(150) == ["a", "c"]  # b is pinned while leased
+    with cache.lease("a", None), cache.lease("b", None), cache.lease("c", None):
+        assert cache.victims(50) is None

@@ -32,3 +32,15 @@ def test_forget_and_bounds():
     assert len(h) <= 200
     with pytest.raises(ValueError):
         HotSet(after=-1)
+
+
+def test_admission_keeps_combinations_that_come_more_often():
+    h = HotSet(after=2)
+    for _ in range(5):
+        h.seen(["every-batch"])
+    h.seen(["now-and-then"])
+    h.seen(["now-and-then"])
+    assert h.admits("now-and-then", [])  # room in the cache: hot is enough
+    assert not h.admits("now-and-then", ["every-batch"])  # would evict something that comes more often
+    assert h.admits("every-batch", ["now-and-then"])
+    assert not h.admits("never-seen", []) and not h.admits("every-batch", None)
