@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,20 +45,27 @@ def wait_ready(client: SwitchbankClient, proc: subprocess.Popen, log_path: Path,
     raise TimeoutError(log_path.read_text()[-3000:])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, backbone, tower):
-    tmp = tmp_path_factory.mktemp("e2e")
+@contextmanager
+def demo_server(tmp: Path, backbone, tower):
+    """A server on a bank of the test tasks; yields (client, proc, port)."""
     bank = make_bank(tmp / "bank", backbone, tower)
     port = free_port()
     proc = start_server(bank, port, tmp / "server.log")
     client = SwitchbankClient(f"http://127.0.0.1:{port}", admin_token=TOKEN)
     try:
         wait_ready(client, proc, tmp / "server.log")
-        yield client, proc, tmp
+        yield client, proc, port
     finally:
         proc.terminate()
         proc.wait(20)
         client.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, backbone, tower):
+    tmp = tmp_path_factory.mktemp("e2e")
+    with demo_server(tmp, backbone, tower) as (client, proc, _):
+        yield client, proc, tmp
 
 
 def test_three_modes(server):

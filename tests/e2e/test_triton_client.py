@@ -9,25 +9,16 @@ import pytest
 tritonclient = pytest.importorskip("tritonclient.http")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from tests.e2e.test_server import TOKEN, free_port, start_server, wait_ready  # noqa: E402
-from tests.helpers import TASKS, colour_png, make_bank, task_switch_bytes  # noqa: E402
-from app.client import SwitchbankClient  # noqa: E402
+from tests.e2e.test_server import TOKEN, demo_server  # noqa: E402
+from tests.helpers import TASKS, colour_png, task_switch_bytes  # noqa: E402
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, backbone, tower):
-    tmp = tmp_path_factory.mktemp("triton")
-    bank = make_bank(tmp / "bank", backbone, tower)
-    port = free_port()
-    proc = start_server(bank, port, tmp / "server.log")
-    try:
-        wait_ready(SwitchbankClient(f"http://127.0.0.1:{port}"), proc, tmp / "server.log")
+    with demo_server(tmp_path_factory.mktemp("triton"), backbone, tower) as (_, _, port):
         yield tritonclient.InferenceServerClient(f"127.0.0.1:{port}"), port, backbone, tower
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def image_input(pngs, binary=True, shape_2d=False):
