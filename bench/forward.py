@@ -4,7 +4,10 @@
 
 For each batch size: the plain open_clip image-tower forward with no switchbank code (the
 reference); the same with its input in channels_last layout, as the engine feeds it on CPU (a
-second reference, which shows what switchbank itself adds); T-Switch with a warm cache;
+second reference); the pretrained weights through the engine's own tower and kernels, as its
+router pass runs them (a third reference: on CPU the engine runs linear layers on oneDNN's matmul,
+which is faster than the plain forward's, so this one shows what the rest of switchbank costs);
+T-Switch with a warm cache;
 Auto-Switch with a warm cache (router pass + merged pass); and the released code's approach, which
 rebuilds every parameter (theta0 + sum_t w_t tau_hat_t, dense) for each batch before the forward.
 
@@ -15,7 +18,7 @@ Then mixed traffic, in batches of 16, as users send it (bench/traffic.py): for B
 image of the six demo tasks, shuffled, with no task named (Auto-Switch); for A, explicit weights
 following the mixes the demo router gives those images. Every engine configuration (MIX_CASES)
 serves the same stream, continued from round to round (a warm-up first), next to the plain forward
-on the same batches; the table reports groups per batch, the share of groups served on cached
+and the pretrained weights on the engine's kernels on the same batches; the table reports groups per batch, the share of groups served on cached
 weights, the cache hit rate and what the cache holds at the end. The default 2 GiB cache is used.
 """
 
@@ -62,6 +65,11 @@ def released_approach(w, eng):
     return run
 
 
+# the pretrained weights through the engine's own tower and kernels (what the router pass runs):
+# the reference that separates what mixing costs from what the engine's kernels gain
+ENGINE_BASE = "base weights on the engine's kernels"
+
+
 def bench_workload(w, batches, repeats):
     eng = w.engine()
     first = next(iter(w.switches))
@@ -86,6 +94,7 @@ def bench_workload(w, batches, repeats):
         paths = {
             "plain forward": plain,
             "plain forward, channels_last": plain_cl,
+            ENGINE_BASE: lambda: eng.embed(x),
             "T-Switch (warm)": lambda: eng.run(x, [Route(task=first)] * bs),
             "Auto-Switch (warm)": lambda: eng.run(x, [Route()] * bs),
             "released: rebuild per batch": lambda: released(x),
@@ -94,16 +103,17 @@ def bench_workload(w, batches, repeats):
         t = statistics.median(timeit(plain, 3, warmup=2))
         inner = max(1, round(MIN_SAMPLE_S / max(t, 1e-6)))
         times = interleaved(paths, repeats, inner, warmup=2)
-        ref, ref_cl = times["plain forward"], times["plain forward, channels_last"]
+        ref, ref_cl, ref_eng = times["plain forward"], times["plain forward, channels_last"], times[ENGINE_BASE]
         for name, samples in times.items():
             t = summary(samples)
             ratio = paired(ref, samples)  # throughput ratio = plain time / path time, per round
             ratio_cl = paired(ref_cl, samples)
+            ratio_eng = paired(ref_eng, samples)
             rows.append([bs, name, bs / t["median"], t["median"] * 1000, (t["p75"] - t["p25"]) * 1000, ratio,
-                         ratio_cl])
+                         ratio_cl, ratio_eng])
             results.append({"batch": bs, "path": name, "images_per_s": bs / t["median"], "seconds_per_call": t,
                             "calls_per_sample": inner, "throughput_vs_plain": ratio,
-                            "throughput_vs_plain_channels_last": ratio_cl})
+                            "throughput_vs_plain_channels_last": ratio_cl, "throughput_vs_engine_base": ratio_eng})
     return rows, results
 
 
@@ -157,7 +167,13 @@ def bench_mixed(key: str, w, requests, batch: int, warmup: int, rounds: int, per
     def case(eng):
         return lambda bs: [eng.run(x, routes) for x, _, routes in bs]
 
-    runs = {"plain forward": plain, **{label: case(e) for label, e in engines.items()}}
+    default = next(e for label, e in engines.items() if "(default)" in label)
+
+    def engine_base(bs):
+        for x, _, _ in bs:
+            default.embed(x)
+
+    runs = {"plain forward": plain, ENGINE_BASE: engine_base, **{label: case(e) for label, e in engines.items()}}
     for fn in runs.values():
         fn(batches(0, warmup))
     before = {label: (e.stats(), e.cache.stats()) for label, e in engines.items()}
@@ -177,7 +193,8 @@ def bench_mixed(key: str, w, requests, batch: int, warmup: int, rounds: int, per
         images = batch * per_round
         item = {"case": label, "images_per_s": images / t["median"], "seconds_per_round": t,
                 "throughput_vs_plain": paired(ref, samples)}
-        row = [label, images / t["median"], item["throughput_vs_plain"]]
+        item["throughput_vs_engine_base"] = paired(times[ENGINE_BASE], samples)
+        row = [label, images / t["median"], item["throughput_vs_plain"], item["throughput_vs_engine_base"]]
         if label in engines:
             e = engines[label]
             (s0, c0), s1, c1 = before[label], e.stats(), e.cache.stats()
@@ -201,7 +218,7 @@ def bench_mixed(key: str, w, requests, batch: int, warmup: int, rounds: int, per
     return rows, results
 
 
-MIX_HEADERS = ["path", "images/s", "throughput vs plain", "groups per batch", "groups on cached weights",
+MIX_HEADERS = ["path", "images/s", "throughput vs plain", "vs base weights on the engine's kernels", "groups per batch", "groups on cached weights",
                "cache hit rate", "cache bytes / entries", "towers built"]
 
 
@@ -222,7 +239,7 @@ def main(argv=None) -> int:
             rows, results = bench_workload(w, batches, args.repeats)
             single[key] = {"workload": w.name, "results": results}
             table = md_table(["batch", "path", "images/s", "median ms", "IQR ms", "throughput vs plain",
-                              "vs plain, channels_last"], rows)
+                              "vs plain, channels_last", "vs base weights on the engine's kernels"], rows)
             md.append(f"## Workload {w.name}\n\n{table}\n")
             print(f"\nWorkload {w.name}\n{table}", flush=True)
         if args.only == "single":

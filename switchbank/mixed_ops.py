@@ -94,22 +94,45 @@ def _per_group(groups: Groups, ts: list[tuple], x: torch.Tensor, fn) -> torch.Te
     return torch.cat([fn(x[s:e], *t) for (s, e), t in zip(groups.spans, ts)])
 
 
+def _onednn_linear():
+    """oneDNN's matrix product with the bias fused (the op torch's CPU inductor emits), where this
+    torch build has it and it answers like F.linear; else None."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+        with torch.inference_mode():
+            ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+        return op if ok and torch.backends.mkldnn.is_available() else None
+    except Exception:  # a build without oneDNN, or a torch that dropped or renamed the op
+        return None
+
+
+# On CPU, fp32, oneDNN's matmul runs the towers' linear shapes about twice as fast as torch.addmm
+# (MKL's sgemm, then a separate pass for the bias) on the AMD machines measured; see docs/performance.md.
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear over the last dimension of ``x``, on oneDNN for fp32 CPU tensors where available."""
+    if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and w.dtype == torch.float32):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = _ONEDNN_LINEAR(x2, w.reshape(w.shape[0], -1), bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+    return F.linear(x, w.reshape(w.shape[0], -1), bias)
+
+
 def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor) -> torch.Tensor:
-    """F.linear per group over ``x`` [B, ..., in] (batch first), each group writing its slice of
-    one output: no copy to join the groups."""
+    """A linear map per group over ``x`` [B, ..., in] (batch first), each group's rows written into
+    its slice of one output."""
     if len(ts) == 1:
-        return F.linear(x, *ts[0])
+        return linear(x, *ts[0])
     b = x.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     per = x2.shape[0] // b  # rows of x2 per batch row (tokens, pixels)
     out = x2.new_empty((x2.shape[0], ts[0][0].shape[0]))
     for (s, e), (w, bias) in zip(groups.spans, ts):
-        rows, dst = x2[s * per:e * per], out[s * per:e * per]
-        w2 = w.reshape(w.shape[0], -1).t()
-        if bias is None:
-            torch.mm(rows, w2, out=dst)
-        else:
-            torch.addmm(bias, rows, w2, out=dst)
+        out[s * per:e * per] = linear(x2[s * per:e * per], w, bias)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -146,10 +169,10 @@ class MixedConv(_Op):
             g, ts = self.active.groups, self.bn.fold(self)
         else:
             g, ts = self.tensors()
-        if len(ts) == 1:
-            return self.plain(x, *ts[0])
         if self.pointwise and x.is_contiguous(memory_format=torch.channels_last):
             return _linear_rows(g, ts, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        if len(ts) == 1:
+            return self.plain(x, *ts[0])
         if self.same:
             x = pad_same(x, self.kernel, self.stride, self.dilation, self._pad)
             padding = 0

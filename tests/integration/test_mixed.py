@@ -180,3 +180,25 @@ def test_unsupported_tower_falls_back_to_one_forward_per_group(backbone, tiny_sw
     check_engine(eng, images(len(routes), 32, seed=6), routes)
     s = eng.stats()
     assert not s.mixed_forward and s.mixed_unsupported == "a module it does not know" and s.batches_grouped == 3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12), (2, 4, 4, 12)])
+def test_linear_answers_as_f_linear_with_or_without_onednn(monkeypatch, shape, bias):
+    from switchbank import mixed_ops
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(9, 12, generator=g)
+    b = torch.randn(9, generator=g) if bias else None
+    want = torch.nn.functional.linear(x, w, b)
+    got = mixed_ops.linear(x, w, b)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert torch.equal(mixed_ops.linear(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16()),
+                       torch.nn.functional.linear(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16()))
+    monkeypatch.setattr(mixed_ops, "_ONEDNN_LINEAR", None)
+    assert torch.equal(mixed_ops.linear(x, w, b), want)
+
+
+def test_onednn_linear_is_found_on_builds_with_onednn():
+    from switchbank import mixed_ops
+    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        assert mixed_ops._ONEDNN_LINEAR is not None
