@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.common import RESULTS, machine_tag  # noqa: E402
+from bench.forward import ENGINE_BASE  # noqa: E402
 
 
 def mixed_traffic(forward: dict) -> None:
@@ -25,15 +26,20 @@ def mixed_traffic(forward: dict) -> None:
         part = forward.get(key)
         if not part:
             continue
-        cases = [r for r in part["results"] if r["case"] != "plain forward"]
+        cases = [r for r in part["results"] if r["case"] not in ("plain forward", ENGINE_BASE)]
+        base = next((r["throughput_vs_plain"] for r in part["results"] if r["case"] == ENGINE_BASE), None)
         labels = [r["case"].replace("before: one forward per combination, every combination cached",
                                     "before: a forward per combination")
                   .replace(" (default)", "\n(default)") for r in cases]
         values = [r["throughput_vs_plain"] for r in cases]
         bars = ax.barh(range(len(cases)), values, color=["#999"] + ["#3b7dd8"] * (len(cases) - 1))
         ax.set_yticks(range(len(cases)), labels, fontsize=8)
-        ax.set_xlim(0, max(values) * 1.2)
-        ax.set_xlabel("throughput / plain forward (same batches)", fontsize=8)
+        ax.axvline(1.0, color="#444", lw=0.8, label="plain open_clip forward")
+        if base is not None:
+            ax.axvline(base, color="#c33", lw=0.8, ls="--", label="base weights on the engine's kernels")
+        ax.legend(fontsize=7, loc="upper right")
+        ax.set_xlim(0, max(values + [base or 0, 1.0]) * 1.25)
+        ax.set_xlabel("throughput / plain open_clip forward (same batches)", fontsize=8)
         title = "A: ViT-B-32, weights following the demo mixes" if key == "A" else "B: demo tower, Auto-Switch"
         ax.set_title(title, fontsize=9)
         for b, v in zip(bars, values):

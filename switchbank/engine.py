@@ -25,7 +25,7 @@ from . import fused, mixed, packing
 from .backbone import Backbone
 from .cache import DeltaCache
 from .combine import merged_params, owned_bytes
-from .errors import InvalidInput, NotFound
+from .errors import InvalidInput, NotFound, SwitchChanged
 from .hot import HotSet
 from .jit import DEFAULT_BUDGET, JitMerge
 from .resident import Residency
@@ -75,6 +75,9 @@ class Result:
     probs: torch.Tensor  # [classes], softmax of the head's logits
     classes: list[str]
     logits: torch.Tensor | None = None  # [classes]
+
+
+SYNC_RETRIES = 5  # a batch follows a bank that keeps changing under it this many times, then fails
 
 
 class Hashes:
@@ -224,6 +227,17 @@ class Engine(SwitchSet):
         """Classify a preprocessed batch ``x`` [B, 3, H, W]; one Route per row."""
         if x.shape[0] != len(routes):
             raise InvalidInput(f"{x.shape[0]} images but {len(routes)} routes")
+        for attempt in range(SYNC_RETRIES + 1):
+            try:
+                return self._run(x, routes)
+            except SwitchChanged:
+                # another process replaced or removed a switch in the bank after it was listed here
+                # and before its bits were first needed: follow the bank now, not at the next sync
+                if attempt == SYNC_RETRIES or self.bank is None or not self.sync(self.bank):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _run(self, x: torch.Tensor, routes: list[Route]) -> list[Result]:
         switches = self.switches
         resolved = self.resolve(routes, x, switches)
         groups: dict[Combination, list[int]] = {}

@@ -31,3 +31,8 @@ class CheckpointError(SwitchBankError):
 
 class Unavailable(SwitchBankError):
     """Something the server holds cannot be used right now (a switch file that cannot be read)."""
+
+
+class SwitchChanged(Unavailable):
+    """A switch's file was replaced or removed since the switch was listed (another process changed
+    the bank): the bank has a newer state to follow."""

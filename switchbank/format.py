@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import CorruptSwitch
+from .errors import CorruptSwitch, SwitchChanged
 # the layout checks are part of this module's interface (read_layout, Layout, the constants)
 from .layout import (FORMAT, MAX_HEADER, META_KEY, QUERY_DTYPE, READS, VERSION, Layout, _header, _meta,  # noqa: F401
                      _table, check_meta, read_layout)
@@ -282,6 +282,8 @@ def load_bits(sw: Switch) -> None:
     the content hash it was listed with."""
     try:
         data = Path(sw.source).read_bytes()
+    except FileNotFoundError:
+        raise SwitchChanged(f"{sw.source}: the file was removed since it was listed") from None
     except OSError as exc:
         raise CorruptSwitch(f"{sw.source}: cannot read ({exc.strerror})") from None
     header, _ = _header(data)
@@ -289,7 +291,7 @@ def load_bits(sw: Switch) -> None:
     # the metadata was checked when the switch was listed; the content hash, which covers it,
     # proves it is the same, so only the hash and the bits' own consistency are checked here
     if meta.get("content_hash") != sw.content_hash:
-        raise CorruptSwitch(f"{sw.source}: the file changed since it was listed (content hash differs)")
+        raise SwitchChanged(f"{sw.source}: the file changed since it was listed (content hash differs)")
     try:
         tensors = st_load(data)
     except Exception:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .errors import Unavailable
+from .errors import SwitchChanged, Unavailable
 from .format import load_bits
 from .types import Switch
 
@@ -82,6 +82,8 @@ class Residency:
                 t0 = time.perf_counter()
                 try:
                     load_bits(sw)
+                except SwitchChanged as exc:
+                    raise SwitchChanged(f"switch {sw.name!r} cannot be loaded from its file: {exc}") from None
                 except Exception as exc:
                     raise Unavailable(f"switch {sw.name!r} cannot be loaded from its file: {exc}") from None
                 if self.device is not None:

@@ -23,6 +23,7 @@ class SwitchSet:
         self._lock = threading.Lock()
         self._sync_lock = threading.Lock()  # the bank watcher and admin calls may sync at once
         self.generation = -1
+        self.bank: Bank | None = None  # the bank last synced with, followed again when a file changes
 
     @property
     def switches(self) -> dict[str, Switch]:
@@ -115,6 +116,7 @@ class SwitchSet:
         and query embeddings, not the bank's size in bits. The first sync builds the router index in
         one go; later ones change it incrementally, and rebuild it in the background when it drifts."""
         with self._sync_lock:
+            self.bank = bank
             return self._sync(bank)
 
     def _sync(self, bank: Bank) -> bool:

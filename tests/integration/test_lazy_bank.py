@@ -5,6 +5,7 @@ import torch
 
 from switchbank.bank import Bank
 from switchbank.engine import Engine, Route
+from switchbank.errors import NotFound, Unavailable
 from tests.helpers import make_bank, task_switch_bytes
 from tests.integration.test_mixed import close, images
 
@@ -53,3 +54,35 @@ def test_changes_to_the_bank_are_picked_up(bank, backbone, tower):
     assert "teal" in eng.switches and "grey" not in eng.switches and "grey" not in eng.router.tasks
     res = eng.run(images(1, 32, seed=4), [Route(task="teal")])[0]
     assert res.head == "teal" and torch.isfinite(res.logits).all()
+
+
+def test_a_switch_replaced_or_removed_by_another_process_before_its_bits_load(bank, backbone, tower):
+    """Replicas share a bank: another one may replace a switch (its old file goes) after this engine
+    listed it and before a request first needs its bits. The batch follows the bank instead of
+    failing until the next periodic sync."""
+    eng = Engine(backbone, k=5, cache_bytes=64 << 20, resident_bytes=1)
+    eng.sync(bank)
+    listed = eng.switches["red"]
+    assert not listed.loaded
+    other = Bank(bank.root)  # another process's handle on the same directory
+    new, _ = other.add(task_switch_bytes(backbone, tower, "red", seed=77), replace=True)
+    assert not listed.source.exists() and new.content_hash != listed.content_hash
+    x = images(2, 32, seed=5)
+    got = eng.run(x, [Route(task="red"), Route(weights={"red": 0.5, "green": 0.5})])
+    assert eng.switches["red"].content_hash == new.content_hash
+    reference = Engine(backbone, k=5, cache_bytes=64 << 20)
+    for name in ("red", "green"):
+        reference.add(bank.load(name))
+    for a, b in zip(got, reference.run(x, [Route(task="red"), Route(weights={"red": 0.5, "green": 0.5})])):
+        close(a.logits, b.logits)
+    other.remove("grey")
+    with pytest.raises(NotFound):
+        eng.run(x[:1], [Route(task="grey")])
+
+
+def test_a_switch_file_changed_outside_the_bank_is_reported_not_retried_forever(bank, backbone):
+    eng = Engine(backbone, k=5, cache_bytes=64 << 20, resident_bytes=1)
+    eng.sync(bank)
+    eng.switches["cyan"].source.unlink()  # removed behind the bank's back: the manifest still lists it
+    with pytest.raises(Unavailable, match="removed since it was listed"):
+        eng.run(images(1, 32, seed=6), [Route(task="cyan")])
