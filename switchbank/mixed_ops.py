@@ -108,7 +108,7 @@ def _onednn_linear():
 
 
 # On CPU, fp32, oneDNN's matmul runs the towers' linear shapes about twice as fast as torch.addmm
-# (MKL's sgemm, then a separate pass for the bias) on the AMD machines measured; see docs/performance.md.
+# (MKL's sgemm, then a separate pass for the bias) on the AMD machine measured (bench/linear.py).
 _ONEDNN_LINEAR = _onednn_linear()
 
 
