@@ -8,6 +8,7 @@ bench/results/mixed-traffic.png and bench/results/scale.png.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -72,6 +73,7 @@ def scale(results: dict) -> None:
 
 
 def main(argv=None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     tag = machine_tag()
     mixed = RESULTS / f"perf-mixed-{tag}.json"
     if mixed.exists():
