@@ -43,15 +43,20 @@ class _Examples:
 
     def __init__(self):
         self.blocks: dict[bytes, list[int]] = {}  # a task's whole block of vectors -> their uids
-        self.uid_of: dict[bytes, int] = {}
+        self.block_of: dict[int, bytes] = {}  # task id -> its block
+        self.uid_of: dict[bytes, int] = {}  # a vector's key -> its uid
+        self.key_of: dict[int, bytes] = {}  # uid -> its vector's key
         self.owners: dict[int, list[tuple[int, int]]] = {}  # uid -> [(position, task id)], by position
         self.rows: dict[int, list[int]] = {}  # task id -> its uids
-        self.next_uid = self.next_pos = 0
+        self.next_uid = self.next_pos = self.next_tid = 0
         self.count = 0
 
-    def add(self, tid: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Record a task's examples; returns (new uids, their rows in x) to put in the index."""
+    def add(self, x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """Record a task's examples; returns (its task id, new uids, their rows in x to index)."""
+        tid = self.next_tid
+        self.next_tid += 1
         block = hashlib.sha256(x.tobytes()).digest()
+        self.block_of[tid] = block
         known = self.blocks.get(block)
         if known is not None and all(u in self.owners for u in known):
             # the same examples as another task (switches built from one example set): no row to hash
@@ -60,13 +65,14 @@ class _Examples:
                 self.next_pos += 1
             self.rows[tid] = list(known)
             self.count += len(known)
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return tid, np.zeros(0, np.int64), np.zeros(0, np.int64)
         uids, new, new_rows = [], [], []
         for r, row in enumerate(x):
             key = hashlib.blake2b(row.tobytes(), digest_size=16).digest()
             uid = self.uid_of.get(key)
             if uid is None:
                 uid = self.uid_of[key] = self.next_uid
+                self.key_of[uid] = key
                 self.next_uid += 1
                 self.owners[uid] = []
                 new.append(uid)
@@ -77,9 +83,9 @@ class _Examples:
         self.rows[tid] = uids
         self.blocks[block] = uids
         self.count += len(uids)
-        return np.asarray(new, np.int64), np.asarray(new_rows, np.int64)
+        return tid, np.asarray(new, np.int64), np.asarray(new_rows, np.int64)
 
-    def remove(self, tid: int, keys: dict[int, bytes]) -> list[int]:
+    def remove(self, tid: int) -> list[int]:
         """Forget a task's examples; returns the uids no example stands for any more."""
         dead = []
         for uid in self.rows.pop(tid, []):
@@ -93,7 +99,10 @@ class _Examples:
                 del self.owners[uid]
                 dead.append(uid)
         for uid in dead:
-            self.uid_of.pop(keys.pop(uid), None)
+            self.uid_of.pop(self.key_of.pop(uid), None)
+        block = self.block_of.pop(tid, None)
+        if dead and block is not None:
+            self.blocks.pop(block, None)  # its vectors are no longer all indexed
         return dead
 
     def nearest(self, dist: np.ndarray, uids: np.ndarray, k: int) -> list[int]:
@@ -118,10 +127,8 @@ class Router:
         self.exact_max, self.nprobe = int(exact_max), int(nprobe)
         self._index: Exact | IVF = Exact(self.dim, metric == "cosine")
         self._ex = _Examples()
-        self._keys: dict[int, bytes] = {}  # uid -> key, to forget it when it dies
         self._tid: dict[str, int] = {}
         self._names: dict[int, str] = {}
-        self._next_tid = 0
         self._lock = threading.Lock()
         self._journal: list[tuple[str, str, np.ndarray | None]] | None = None  # changes during a rebuild
         self._rebuilding: threading.Thread | None = None
@@ -160,27 +167,24 @@ class Router:
 
     @staticmethod
     def _insert(state, task: str, x: np.ndarray) -> None:
-        index, ex, keys, tids, names = state
-        tid = max(names, default=-1) + 1
-        new, rows = ex.add(tid, x)
-        for uid, r in zip(new.tolist(), rows.tolist()):
-            keys[uid] = hashlib.blake2b(x[r].tobytes(), digest_size=16).digest()
+        index, ex, tids, names = state
+        tid, new, rows = ex.add(x)
         if new.size:
             index.add(new, x[rows])
         tids[task], names[tid] = tid, task
 
     @staticmethod
     def _delete(state, task: str) -> bool:
-        index, ex, keys, tids, names = state
+        index, ex, tids, names = state
         tid = tids.pop(task, None)
         if tid is None:
             return False
-        index.remove(ex.remove(tid, keys))
+        index.remove(ex.remove(tid))
         del names[tid]
         return True
 
     def _state(self):
-        return self._index, self._ex, self._keys, self._tid, self._names
+        return self._index, self._ex, self._tid, self._names
 
     def add(self, task: str, embeddings: torch.Tensor | np.ndarray) -> None:
         """Add (or replace) a task's query embeddings."""
@@ -232,30 +236,30 @@ class Router:
         files: one pass when the distinct vectors fit the exact index, two when they do not."""
         state = self._build(source, counts)
         with self._lock:
-            self._index, self._ex, self._keys, self._tid, self._names = state
+            self._index, self._ex, self._tid, self._names = state
 
     def _build(self, source: Source, counts: dict[str, int]):
         ip = self.metric == "cosine"
         # in random task order, so that the first vectors are a fair sample to train an IVF on
         order = [sorted(counts)[i] for i in np.random.default_rng(0).permutation(len(counts))]
-        state = (Exact(self.dim, ip), _Examples(), {}, {}, {})
+        state = (Exact(self.dim, ip), _Examples(), {}, {})
         for task, emb in source(order):
             self._insert(state, task, self._checked(task, emb))
             if state[0].ntotal > self.exact_max:
                 break
         else:
             log.info("router: exact index, %d distinct vectors of %d examples, %d tasks",
-                     state[0].ntotal, state[1].count, len(state[3]))
+                     state[0].ntotal, state[1].count, len(state[2]))
             return state
         train = np.stack(list(state[0].rows.values()))
         distinct = max(train.shape[0], int(sum(counts.values()) * train.shape[0] / max(1, state[1].count)))
         nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
-        state = (IVF(self.dim, ip, nlist, self.nprobe, train), _Examples(), {}, {}, {})
+        state = (IVF(self.dim, ip, nlist, self.nprobe, train), _Examples(), {}, {})
         for task, emb in source(order):
             self._insert(state, task, self._checked(task, emb))
         state[0].built_on = state[0].ntotal
         log.info("router: IVF index (%d lists, nprobe %d), %d distinct vectors of %d examples, %d tasks",
-                 nlist, state[0].index.nprobe, state[0].ntotal, state[1].count, len(state[3]))
+                 nlist, state[0].index.nprobe, state[0].ntotal, state[1].count, len(state[2]))
         return state
 
     def needs_rebuild(self) -> bool:
@@ -281,7 +285,7 @@ class Router:
                         self._delete(state, task)
                         if op == "add":
                             self._insert(state, task, x)
-                    self._index, self._ex, self._keys, self._tid, self._names = state
+                    self._index, self._ex, self._tid, self._names = state
                     self.rebuilds += 1
             except Exception:
                 log.exception("router rebuild failed; the current index keeps serving")

@@ -141,3 +141,25 @@ def test_shared_query_vectors_route_as_every_example_would(exact_max):
     assert r.counts(queries) == naive_counts({t: tasks[t] for t in order}, queries, 7)
     r.remove(order[0])
     assert r.counts(queries) == naive_counts({t: tasks[t] for t in order[1:]}, queries, 7)
+
+
+def test_identical_blocks_removed_and_added_again_route_as_every_example_would():
+    """Switches replaced over and over with the same or new query blocks: routing stays the naive
+    search over the tasks present, and the router keeps no record of blocks no task holds."""
+    g = np.random.default_rng(8)
+    block = g.normal(size=(5, 4)).astype(np.float32)
+    r = Router(dim=4, k=5)
+    present = {}
+    for i in range(30):
+        name = f"t{i % 3}"
+        x = block if i % 2 else g.normal(size=(5, 4)).astype(np.float32)
+        r.add(name, x)
+        present.pop(name, None)
+        present[name] = x  # a replaced task goes to the end, as the router re-adds it
+    queries = g.normal(size=(10, 4)).astype(np.float32)
+    assert r.counts(queries) == naive_counts(present, queries, 5)
+    for name in list(present):
+        r.remove(name)
+    assert len(r) == 0 and r._ex.blocks == {} and r._ex.uid_of == {} and r._ex.key_of == {}
+    r.add("again", block)
+    assert r.counts(block) == [{"again": 5}] * 5
