@@ -35,6 +35,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from bench.common import ROOT, free_port, md_table, start_server, wait_ready, write
+from switchbank.bank import file_name
 from switchbank.format import META_KEY, content_hash
 
 DEMO = ROOT / "demo" / "bank"
@@ -71,7 +72,7 @@ def synth_bank(n: int, dest: Path, seed: int = 0, distinct: bool = True) -> Path
             h = meta["content_hash"]
         else:
             h = manifest["switches"][task]["content_hash"]
-        fname = f"{task}.{h.split(':')[-1][:16]}.safetensors"
+        fname = file_name(task, h)
         (files / fname).write_bytes(data)
         entries[task] = {"file": fname, "content_hash": h, "bytes": len(data)}
     body = {"format": "switchbank-bank", "version": 1, "generation": 1, "switches": entries}

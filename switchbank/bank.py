@@ -42,6 +42,12 @@ def check_name(name: str) -> str:
     return name
 
 
+def file_name(name: str, content_hash: str) -> str:
+    """A switch's file in the bank: its name and content hash, so a new version never overwrites
+    the file an older manifest names."""
+    return f"{name}.{content_hash.split(':')[-1][:16]}.safetensors"
+
+
 @dataclass(frozen=True)
 class Manifest:
     generation: int
@@ -166,20 +172,7 @@ class Bank:
         sw = from_bytes(data, check)
         if validate:
             validate(sw)
-        fname = f"{sw.name}.{sw.content_hash.split(':')[-1][:16]}.safetensors"
-        with self._locked():
-            m = self.manifest()
-            old = m.switches.get(sw.name)
-            if old and old["content_hash"] == sw.content_hash:
-                return sw, False
-            if old and not replace:
-                raise Conflict(f"a different switch named {sw.name!r} exists; ask for replacement to overwrite it")
-            atomic_write(self.files / fname, data)
-            entries = dict(m.switches)
-            entries[sw.name] = {"file": fname, "content_hash": sw.content_hash, "bytes": len(data)}
-            self._write_manifest(Manifest(m.generation + 1, entries))
-            self._collect_garbage(entries)
-        return sw, True
+        return sw, self._store([(sw.name, sw.content_hash, data)], replace) > 0
 
     def add_many(self, datas: list[bytes], *, replace: bool = False) -> int:
         """Verify and store many switch files under one manifest change (one generation). Returns
@@ -191,15 +184,21 @@ class Bank:
             checked.append((sw.name, sw.content_hash, data))
         if len({name for name, _, _ in checked}) != len(checked):
             raise InvalidInput("two of the files hold switches of the same name")
+        return self._store(checked, replace)
+
+    def _store(self, items: list[tuple[str, str, bytes]], replace: bool) -> int:
+        """Write the verified (name, content hash, file bytes) that differ from the bank, under one
+        manifest change. An identical file under the same name changes nothing; a different one is
+        a Conflict unless ``replace``, and then nothing is written. Returns how many changed."""
         with self._locked():
             m = self.manifest()
             entries = dict(m.switches)
-            todo = [(n, h, d) for n, h, d in checked if entries.get(n, {}).get("content_hash") != h]
+            todo = [(n, h, d) for n, h, d in items if entries.get(n, {}).get("content_hash") != h]
             taken = [n for n, _, _ in todo if n in entries]
             if taken and not replace:
                 raise Conflict(f"a different switch named {taken[0]!r} exists; ask for replacement to overwrite it")
             for name, h, data in todo:
-                fname = f"{name}.{h.split(':')[-1][:16]}.safetensors"
+                fname = file_name(name, h)
                 atomic_write(self.files / fname, data)
                 entries[name] = {"file": fname, "content_hash": h, "bytes": len(data)}
             if todo:

@@ -82,10 +82,9 @@ class Residency:
                 t0 = time.perf_counter()
                 try:
                     load_bits(sw)
-                except SwitchChanged as exc:
-                    raise SwitchChanged(f"switch {sw.name!r} cannot be loaded from its file: {exc}") from None
                 except Exception as exc:
-                    raise Unavailable(f"switch {sw.name!r} cannot be loaded from its file: {exc}") from None
+                    kind = SwitchChanged if isinstance(exc, SwitchChanged) else Unavailable
+                    raise kind(f"switch {sw.name!r} cannot be loaded from its file: {exc}") from None
                 if self.device is not None:
                     sw.to(self.device)
                 dt = time.perf_counter() - t0
