@@ -154,7 +154,7 @@ def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
     entries, offset = [], 0
     for (name, shape, kept, *_), lam in zip(meta["tensors"], scale.tolist()):
         entries.append(TensorEntry(name, tuple(shape), kept, lam, offset))
-        offset += (math.prod(shape) + 7) // 8
+        offset += packed_len(math.prod(shape))
     head = None
     if "head.weight" in tensors:
         bias = tensors.get("head.bias")
@@ -216,9 +216,9 @@ def read_switch(path: str | Path) -> Switch:
         raise CorruptSwitch(f"{path}: {exc}") from None
 
 
-def read_light(path: str | Path, queries: bool = False) -> Switch:
+def read_light(path: str | Path) -> Switch:
     """A switch without its bits (``mask`` and ``pos`` are None): the header, scales, head and 0-dim
-    deltas are read, and the query embeddings if ``queries``; the bit buffers are not.
+    deltas are read; the bit buffers and the query embeddings (see :func:`read_queries`) are not.
     :func:`load_bits` reads and checks the rest, against the content hash, when it is first needed."""
     path = Path(path)
     try:
@@ -237,7 +237,7 @@ def read_light(path: str | Path, queries: bool = False) -> Switch:
             table = _table(header, meta, size)
             tensors = {}
             for key, (dtype, shape, (start, end)) in table.items():
-                if key in ("mask", "sign") or (key == "queries" and not queries):
+                if key in ("mask", "sign", "queries"):
                     continue
                 f.seek(8 + n + start)
                 raw = f.read(end - start)
