@@ -26,14 +26,6 @@ def ivf_lists(n: int) -> int:
     return int(min(1024, max(16, 2 * math.sqrt(max(n, 1)))))
 
 
-def _grow(a: np.ndarray, n: int) -> np.ndarray:
-    if n <= a.shape[0]:
-        return a
-    out = np.zeros((max(n, 2 * a.shape[0]),) + a.shape[1:], a.dtype)
-    out[:a.shape[0]] = a
-    return out
-
-
 class Exact:
     kind = "exact"
 

@@ -131,10 +131,6 @@ class Residency:
         for sw in switches:
             self._ensure(sw)
 
-    def is_resident(self, name: str) -> bool:
-        with self._lock:
-            return name in self._order
-
     def stats(self) -> ResidentStats:
         with self._lock:
             return ResidentStats(self.budget, self._bytes(), len(self._order), len(self.pinned & set(self._order)),
