@@ -152,9 +152,10 @@ def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
     """A switch with everything but its bits: index, scales, head, queries, 0-dim deltas."""
     scale = _finite("scale", tensors["scale"])
     entries, offset = [], 0
-    for (name, shape, kept, *_), lam in zip(meta["tensors"], scale.tolist()):
-        entries.append(TensorEntry(name, tuple(shape), kept, lam, offset))
-        offset += packed_len(math.prod(shape))
+    for row, lam in zip(meta["tensors"], scale.tolist()):
+        shape = tuple(row[1])
+        entries.append(TensorEntry(row[0], shape, row[2], lam, offset))
+        offset += (math.prod(shape) + 7) // 8  # packed_len, inlined: thousands of switches x hundreds of rows
     head = None
     if "head.weight" in tensors:
         bias = tensors.get("head.bias")

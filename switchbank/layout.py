@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .errors import CorruptSwitch
-from .packing import packed_len, rice_len
+from .packing import rice_len
 
 FORMAT = "switchbank-switch"
 VERSION = 2
@@ -90,13 +90,18 @@ def check_meta(meta: dict[str, Any]) -> None:
         raise CorruptSwitch("metadata field 'tensors' must be a list")
     names = set()
     for i, row in enumerate(rows):
-        # the common case checked with plain type tests; any doubt goes to the explaining checks
-        if (type(row) is list and len(row) == 3 and type(row[0]) is str and 0 < len(row[0]) <= 1024
-                and row[0] not in names and type(row[1]) is list and 0 < len(row[1]) <= 8
-                and all(type(d) is int and d >= 0 for d in row[1]) and type(row[2]) is int
-                and 0 <= row[2] <= math.prod(row[1]) <= MAX_NUMEL):
-            names.add(row[0])
-            continue
+        # the common cases checked with plain type tests (a bank reads thousands of these rows at
+        # start-up); any doubt goes to the explaining checks
+        if type(row) is list and 3 <= len(row) <= 5:
+            name, shape, kept = row[0], row[1], row[2]
+            if (type(name) is str and 0 < len(name) <= 1024 and name not in names and type(shape) is list
+                    and 0 < len(shape) <= 8 and type(kept) is int and kept >= 0
+                    and all(type(d) is int for d in shape) and min(shape) >= 0
+                    and kept <= math.prod(shape) <= MAX_NUMEL
+                    and (len(row) == 3 or (len(row) == 5 and type(row[3]) is int and type(row[4]) is int
+                                           and 0 <= row[3] < 32 and 0 <= row[4] <= math.prod(shape) + kept))):
+                names.add(name)
+                continue
         _check_row(i, row, names)
     classes = meta.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) and len(c) <= MAX_TEXT
@@ -151,8 +156,10 @@ def _table(header: dict[str, Any], meta: dict[str, Any], size: int | None) -> di
         raise CorruptSwitch(f"tensor data is {size:,} bytes but the header describes "
                             f"{max((e for _, _, (_, e) in table.values()), default=0):,}: truncated or padded")
     rows = meta["tensors"]
-    mask_len = sum(rice_len(r[2], r[3], r[4]) if len(r) == 5 else packed_len(math.prod(r[1])) for r in rows)
-    sign_len = sum(packed_len(r[2]) for r in rows)
+    mask_len = sign_len = 0
+    for r in rows:
+        mask_len += rice_len(r[2], r[3], r[4]) if len(r) == 5 else (math.prod(r[1]) + 7) // 8
+        sign_len += (r[2] + 7) // 8
     want = {"mask": (torch.uint8, (mask_len,)), "sign": (torch.uint8, (sign_len,)), "scale": (torch.float32, (len(rows),))}
     for key, (dtype, shape) in want.items():
         got = table.get(key)
