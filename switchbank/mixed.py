@@ -95,6 +95,12 @@ class MixedTower:
     def set_folding(self, on: bool) -> None:
         for conv, bn in self.pairs:
             conv.bn = bn if on else None
+            conv.act = None
+
+    def set_fused_act(self, on: bool) -> None:
+        """Run the folded norms' activations inside the convolutions (oneDNN, fp32 CPU only)."""
+        for conv, _ in self.pairs:
+            conv.act = conv.fused_act() if on and conv.bn is not None else None
 
     def derived(self, params: dict[str, torch.Tensor]) -> tuple[dict, set[str]]:
         """The folded convolutions of a cached tower's weights (a Groups memo for its group), and
@@ -159,6 +165,10 @@ def build(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, 
         tower.set_folding(True)
         if not same(tower(x, groups)):  # a convolution output used beyond its norm: do not fold
             tower.set_folding(False)
+        else:
+            tower.set_fused_act(True)
+            if not same(tower(x, groups)):
+                tower.set_fused_act(False)
     except Exception as exc:
         return None, f"the mixed forward failed on a probe batch: {type(exc).__name__}: {exc}"
     if set(n for names in tower.order for n in names if n) != set(params):

@@ -107,32 +107,55 @@ def _onednn_linear():
         return None
 
 
+def _onednn_conv():
+    """oneDNN's convolution with a fused activation (also an op of torch's CPU inductor), where
+    this torch build has it and it answers like F.conv2d followed by the activation; else None."""
+    try:
+        op = torch.ops.mkldnn._convolution_pointwise
+        x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(4, 1, 3, 3), torch.randn(4)
+        with torch.inference_mode():
+            got = op(x, w, b, [1, 1], [1, 1], [1, 1], 4, "hardtanh", [0.0, 6.0], "")
+            ok = torch.allclose(got, F.conv2d(x, w, b, 1, 1, 1, 4).clamp(0, 6), atol=1e-5)
+        return op if ok and torch.backends.mkldnn.is_available() else None
+    except Exception:
+        return None
+
+
 # On CPU, fp32, oneDNN's matmul runs the towers' linear shapes about twice as fast as torch.addmm
 # (MKL's sgemm, then a separate pass for the bias) on the AMD machine measured (bench/linear.py).
 _ONEDNN_LINEAR = _onednn_linear()
+_ONEDNN_CONV = _onednn_conv()
+NO_ACT = ("none", [])  # a oneDNN post-op: (name, scalars)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear over the last dimension of ``x``, on oneDNN for fp32 CPU tensors where available."""
-    if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
-            and w.dtype == torch.float32):
+def onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the oneDNN ops can take these tensors (fp32 on the CPU)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act: tuple = NO_ACT) -> torch.Tensor:
+    """F.linear over the last dimension of ``x``, on oneDNN for fp32 CPU tensors where available.
+    ``act`` (a oneDNN post-op, see MixedConv.fused_act) is only passed where oneDNN runs it."""
+    if _ONEDNN_LINEAR is not None and onednn(x, w):
         x2 = x.reshape(-1, x.shape[-1])
-        out = _ONEDNN_LINEAR(x2, w.reshape(w.shape[0], -1), bias, "none", [], "")
+        out = _ONEDNN_LINEAR(x2, w.reshape(w.shape[0], -1), bias, act[0], act[1], "")
         return out.view(*x.shape[:-1], out.shape[-1])
+    assert act is NO_ACT, "an activation can only be fused into oneDNN's matmul"
     return F.linear(x, w.reshape(w.shape[0], -1), bias)
 
 
-def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor) -> torch.Tensor:
+def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor, act: tuple = NO_ACT) -> torch.Tensor:
     """A linear map per group over ``x`` [B, ..., in] (batch first), each group's rows written into
     its slice of one output."""
     if len(ts) == 1:
-        return linear(x, *ts[0])
+        return linear(x, *ts[0], act)
     b = x.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     per = x2.shape[0] // b  # rows of x2 per batch row (tokens, pixels)
     out = x2.new_empty((x2.shape[0], ts[0][0].shape[0]))
     for (s, e), (w, bias) in zip(groups.spans, ts):
-        out[s * per:e * per] = linear(x2[s * per:e * per], w, bias)
+        out[s * per:e * per] = linear(x2[s * per:e * per], w, bias, act)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -162,24 +185,50 @@ class MixedConv(_Op):
         self.pointwise = (not same and self.kernel == (1, 1) and tuple(self.stride) == (1, 1) and self.groups == 1
                           and tuple(self.padding) == (0, 0) and mod.padding_mode == "zeros")
         self.bn: MixedBatchNorm | None = None
+        # the activation of the folded norm, run by oneDNN on the convolution's output as it is
+        # written (a oneDNN post-op), which saves a pass over the activations; set by the tower
+        # when the norm's activation is one oneDNN computes exactly (see set_fused_act)
+        self.act: tuple | None = None
         self._pad: dict = {}
+
+    def fused_act(self) -> tuple | None:
+        """The oneDNN post-op for the folded norm's activation, or None where it has none."""
+        act = None if self.bn is None or not isinstance(self.bn.drop, nn.Identity) else self.bn.act
+        if isinstance(act, nn.ReLU):
+            return ("relu", [])
+        if isinstance(act, nn.Hardtanh):  # ReLU6 too
+            return ("hardtanh", [float(act.min_val), float(act.max_val)])
+        return None
 
     def forward(self, x):
         if self.bn is not None:
             g, ts = self.active.groups, self.bn.fold(self)
         else:
             g, ts = self.tensors()
-        if self.pointwise and x.is_contiguous(memory_format=torch.channels_last):
-            return _linear_rows(g, ts, x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        if len(ts) == 1:
+        act = self.act if self.act is not None and onednn(x, ts[0][0]) else None
+        pointwise = self.pointwise and x.is_contiguous(memory_format=torch.channels_last)
+        if act is not None and (pointwise and _ONEDNN_LINEAR is not None or not pointwise and _ONEDNN_CONV is not None):
+            self.bn.act_done = True
+        else:
+            act = None
+        if pointwise:
+            return _linear_rows(g, ts, x.permute(0, 2, 3, 1), act or NO_ACT).permute(0, 3, 1, 2)
+        if act is None and len(ts) == 1:
             return self.plain(x, *ts[0])
         if self.same:
             x = pad_same(x, self.kernel, self.stride, self.dilation, self._pad)
-            padding = 0
+            padding = (0, 0)
         else:
             padding = self.padding
-        out = _per_group(g, ts, x, lambda xs, w, b: F.conv2d(xs, w, b, self.stride, padding, self.dilation,
-                                                              self.groups))
+        if act is not None:
+            stride, dilation = list(self.stride), list(self.dilation)
+
+            def conv(xs, w, b):
+                return _ONEDNN_CONV(xs, w, b, list(padding), stride, dilation, self.groups, act[0], act[1], "")
+        else:
+            def conv(xs, w, b):
+                return F.conv2d(xs, w, b, self.stride, padding, self.dilation, self.groups)
+        out = _per_group(g, ts, x, conv)
         if x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
@@ -235,6 +284,7 @@ class MixedBatchNorm(_Op):
         self.drop = getattr(mod, "drop", nn.Identity())
         self.act = getattr(mod, "act", nn.Identity())
         self.folded = False  # set by the convolution that applied this norm's affine part
+        self.act_done = False  # set by the convolution that also applied this norm's activation
 
     def _affine(self, ts: list[tuple]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         scale = [t[0] * self.inv for t in ts]
@@ -259,6 +309,9 @@ class MixedBatchNorm(_Op):
         return out
 
     def forward(self, x):
+        if self.act_done:
+            self.folded = self.act_done = False
+            return x
         if self.folded:
             self.folded = False
         else:

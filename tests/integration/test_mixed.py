@@ -202,3 +202,30 @@ def test_onednn_linear_is_found_on_builds_with_onednn():
     from switchbank import mixed_ops
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         assert mixed_ops._ONEDNN_LINEAR is not None
+
+
+def test_demo_tower_runs_its_activations_inside_the_convolutions():
+    """Where oneDNN is there, ReLU6 after a folded BatchNorm runs as the convolution's post-op; the
+    answers stay those of each group alone, and those of the tower with the activation apart."""
+    from switchbank import mixed_ops
+    b = load_backbone(DEMO_ARCH, device="cpu")
+    tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
+    assert tower is not None, why
+    fused = [c for c, _ in tower.pairs if c.act is not None]
+    if mixed_ops._ONEDNN_CONV is None or mixed_ops._ONEDNN_LINEAR is None:
+        pytest.skip("this torch build has no oneDNN convolution with post-ops")
+    assert fused and all(c.act == ("hardtanh", [0.0, 6.0]) for c in fused)
+    assert any(c.pointwise for c in fused) and any(not c.pointwise for c in fused)
+    variants = [perturbed(b.params, s) for s in range(3)]
+    spans = [(0, 2), (2, 3), (3, 5)]
+    x = images(5, b.probe().shape[-1], seed=2)
+
+    def fetch(g, names):
+        return tuple(variants[g][n] if n else None for n in names)
+
+    on = b.forward_mixed(x, tower, mixed.Groups(spans, fetch))
+    tower.set_fused_act(False)
+    off = b.forward_mixed(x, tower, mixed.Groups(spans, fetch))
+    close(on, off)
+    for g, (s, e) in enumerate(spans):
+        close(on[s:e], b.forward(x[s:e], variants[g]))
