@@ -67,7 +67,8 @@ class Exact:
 class IVF:
     kind = "approximate"
 
-    def __init__(self, dim: int, ip: bool, nlist: int, nprobe: int, train: np.ndarray, candidates: int = 64):
+    def __init__(self, dim: int, ip: bool, nlist: int, nprobe: int, train: np.ndarray, candidates: int = 64,
+                 capacity: int = 0):
         metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
         self.quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
         self.index = faiss.IndexIVFScalarQuantizer(self.quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
@@ -77,12 +78,14 @@ class IVF:
         self.dim, self.ip, self.nlist, self.candidates = dim, ip, nlist, candidates
         self.trained_on = int(train.shape[0])
         self.built_on = 0  # vectors when it was built: a rebuild is due once that has halved or doubled
-        self.full = torch.zeros((0, dim), dtype=torch.float16)  # by id, for the exact ranking
+        # by id, for the exact ranking; rows of ids never added are never read, so growing it
+        # leaves them unwritten (zeroing a million rows was a tenth of a big bank's start-up)
+        self.full = torch.empty((capacity, dim), dtype=torch.float16)
 
     def add(self, ids: np.ndarray, x: np.ndarray) -> None:
         top = int(ids.max()) + 1 if ids.size else 0
         if top > self.full.shape[0]:
-            grown = torch.zeros((max(top, 2 * self.full.shape[0]), self.dim), dtype=torch.float16)
+            grown = torch.empty((max(top, 2 * self.full.shape[0]), self.dim), dtype=torch.float16)
             grown[:self.full.shape[0]] = self.full
             self.full = grown
         self.full[torch.from_numpy(ids)] = torch.from_numpy(x).half()

@@ -257,7 +257,7 @@ class Router:
         train = np.stack(list(state[0].rows.values()))
         distinct = max(train.shape[0], int(sum(counts.values()) * train.shape[0] / max(1, state[1].count)))
         nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
-        state = (IVF(self.dim, ip, nlist, self.nprobe, train), _Examples(), {}, {})
+        state = (IVF(self.dim, ip, nlist, self.nprobe, train, capacity=distinct + distinct // 8), _Examples(), {}, {})
         for task, emb in source(order):
             self._insert(state, task, self._checked(task, emb))
         state[0].built_on = state[0].ntotal
