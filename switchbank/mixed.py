@@ -110,7 +110,7 @@ class MixedTower:
             if conv.bn is bn:
                 w, b = (params[n] if n else None for n in conv.names)
                 gamma, beta = (params[n] for n in bn.names)
-                memo[id(conv)] = fold(w, b, gamma, beta, bn.mean, bn.inv)
+                memo[id(conv)] = conv.prepare(*fold(w, b, gamma, beta, bn.mean, bn.inv))
                 replaced.update(n for n in (*conv.names, *bn.names) if n)
         return memo, replaced
 

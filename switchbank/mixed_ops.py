@@ -122,11 +122,38 @@ def _onednn_conv():
         return None
 
 
+def _packers():
+    """oneDNN's weight reorders (its own blocked layout, as torch's CPU inductor prepacks them),
+    where this build has them and the reordered weights give the plain weights' outputs; else
+    (None, None). Given a plain weight, the oneDNN ops reorder it on every call: about 20-40 us a
+    call at the demo tower's shapes, and a mixed batch makes a call per group."""
+    try:
+        conv_op, linear_op = torch.ops.mkldnn._reorder_convolution_weight, torch.ops.mkldnn._reorder_linear_weight
+        x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+        w, b = torch.randn(4, 1, 3, 3), torch.randn(4)
+        x2, w2 = torch.randn(3, 4), torch.randn(5, 4)
+        with torch.inference_mode():
+            wp = conv_op(w, [1, 1], [1, 1], [1, 1], 4, list(x.shape))
+            ok = torch.equal(_ONEDNN_CONV(x, wp, b, [1, 1], [1, 1], [1, 1], 4, "relu", [], ""),
+                             _ONEDNN_CONV(x, w, b, [1, 1], [1, 1], [1, 1], 4, "relu", [], ""))
+            ok = ok and torch.equal(_ONEDNN_LINEAR(x2, linear_op(w2, 3), b[:1].expand(5).contiguous(), "none", [], ""),
+                                    _ONEDNN_LINEAR(x2, w2, b[:1].expand(5).contiguous(), "none", [], ""))
+        return (conv_op, linear_op) if ok else (None, None)
+    except Exception:
+        return None, None
+
+
 # On CPU, fp32, oneDNN's matmul runs the towers' linear shapes about twice as fast as torch.addmm
 # (MKL's sgemm, then a separate pass for the bias) on the AMD machine measured (bench/linear.py).
 _ONEDNN_LINEAR = _onednn_linear()
 _ONEDNN_CONV = _onednn_conv()
+_PACK_CONV, _PACK_LINEAR = _packers() if _ONEDNN_LINEAR is not None and _ONEDNN_CONV is not None else (None, None)
 NO_ACT = ("none", [])  # a oneDNN post-op: (name, scalars)
+
+
+def dense(w: torch.Tensor, shape) -> torch.Tensor:
+    """A weight in torch's own layout: ``w`` itself, or a reordered oneDNN weight turned back."""
+    return w.to_dense().reshape(shape) if w.is_mkldnn else w
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -139,10 +166,10 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act: tup
     ``act`` (a oneDNN post-op, see MixedConv.fused_act) is only passed where oneDNN runs it."""
     if _ONEDNN_LINEAR is not None and onednn(x, w):
         x2 = x.reshape(-1, x.shape[-1])
-        out = _ONEDNN_LINEAR(x2, w.reshape(w.shape[0], -1), bias, act[0], act[1], "")
+        out = _ONEDNN_LINEAR(x2, w if w.is_mkldnn else w.reshape(w.shape[0], -1), bias, act[0], act[1], "")
         return out.view(*x.shape[:-1], out.shape[-1])
     assert act is NO_ACT, "an activation can only be fused into oneDNN's matmul"
-    return F.linear(x, w.reshape(w.shape[0], -1), bias)
+    return F.linear(x, dense(w, (w.shape[0], -1)), bias)
 
 
 def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor, act: tuple = NO_ACT) -> torch.Tensor:
@@ -181,6 +208,7 @@ class MixedConv(_Op):
         self.stride, self.dilation, self.groups = mod.stride, mod.dilation, mod.groups
         self.padding = mod.padding
         self.kernel = tuple(mod.kernel_size)
+        self.weight_shape = tuple(mod.weight.shape)
         self.plain = self._same if same else mod._conv_forward
         self.pointwise = (not same and self.kernel == (1, 1) and tuple(self.stride) == (1, 1) and self.groups == 1
                           and tuple(self.padding) == (0, 0) and mod.padding_mode == "zeros")
@@ -189,6 +217,7 @@ class MixedConv(_Op):
         # written (a oneDNN post-op), which saves a pass over the activations; set by the tower
         # when the norm's activation is one oneDNN computes exactly (see set_fused_act)
         self.act: tuple | None = None
+        self.in_shape: list[int] | None = None  # of the last input, padded: a hint for prepare
         self._pad: dict = {}
 
     def fused_act(self) -> tuple | None:
@@ -199,6 +228,20 @@ class MixedConv(_Op):
         if isinstance(act, nn.Hardtanh):  # ReLU6 too
             return ("hardtanh", [float(act.min_val), float(act.max_val)])
         return None
+
+    def prepare(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple:
+        """A folded (weight, bias) as this convolution runs it: where it runs on oneDNN (fp32 CPU),
+        the weight reordered once into oneDNN's layout, which the kernel would otherwise redo on
+        every call (once per group in a mixed batch); :func:`dense` turns it back for other paths."""
+        if _PACK_CONV is None or self.in_shape is None or w.device.type != "cpu" or w.dtype != torch.float32:
+            return w, b
+        if self.pointwise:
+            n, _, h, wd = self.in_shape
+            return _PACK_LINEAR(w.reshape(w.shape[0], -1), n * h * wd), b
+        if self.act is None:  # runs on F.conv2d, which takes torch's layout only
+            return w, b
+        padding = [0, 0] if self.same else list(self.padding)
+        return _PACK_CONV(w, padding, list(self.stride), list(self.dilation), self.groups, self.in_shape), b
 
     def forward(self, x):
         if self.bn is not None:
@@ -212,7 +255,10 @@ class MixedConv(_Op):
         else:
             act = None
         if pointwise:
+            self.in_shape = list(x.shape)
             return _linear_rows(g, ts, x.permute(0, 2, 3, 1), act or NO_ACT).permute(0, 3, 1, 2)
+        if act is None or self.pointwise:  # not the path prepare() reordered the weights for
+            ts = [(dense(w, self.weight_shape), b) for w, b in ts]
         if act is None and len(ts) == 1:
             return self.plain(x, *ts[0])
         if self.same:
@@ -220,6 +266,7 @@ class MixedConv(_Op):
             padding = (0, 0)
         else:
             padding = self.padding
+        self.in_shape = list(x.shape)
         if act is not None:
             stride, dilation = list(self.stride), list(self.dilation)
 
@@ -303,7 +350,7 @@ class MixedBatchNorm(_Op):
             if hit is None:
                 w, b = g.fetch(i, conv.names)
                 gamma, beta = g.fetch(i, self.names)
-                hit = memo[key] = fold(w, b, gamma, beta, self.mean, self.inv)
+                hit = memo[key] = conv.prepare(*fold(w, b, gamma, beta, self.mean, self.inv))
             out.append(hit)
         self.folded = True
         return out

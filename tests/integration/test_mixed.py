@@ -229,3 +229,33 @@ def test_demo_tower_runs_its_activations_inside_the_convolutions():
     close(on, off)
     for g, (s, e) in enumerate(spans):
         close(on[s:e], b.forward(x[s:e], variants[g]))
+
+
+def test_cached_weights_are_reordered_for_onednn_and_answer_alike_on_every_path():
+    """A cached tower's folded convolutions are kept in oneDNN's layout where oneDNN runs them;
+    the answers equal those of torch-layout weights, also where a batch takes another path (an
+    input that is not channels_last) and the reordered weights are turned back."""
+    from switchbank import mixed_ops
+    b = load_backbone(DEMO_ARCH, device="cpu")
+    tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
+    assert tower is not None, why
+    if mixed_ops._PACK_CONV is None:
+        pytest.skip("this torch build has no oneDNN weight reorders")
+    variants = [perturbed(b.params, s) for s in range(2)]
+    memos = [tower.derived(v)[0] for v in variants]
+    kinds = {(c.pointwise, memos[0][id(c)][0].is_mkldnn) for c, _ in tower.pairs}
+    assert kinds == {(True, True), (False, True)}  # pointwise and spatial, all reordered
+    spans = [(0, 2), (2, 4)]
+    x = images(4, b.probe().shape[-1], seed=3)
+
+    def fetch(g, names):
+        return tuple(variants[g][n] if n else None for n in names)
+
+    packed = b.forward_mixed(x, tower, mixed.Groups(spans, fetch, memo=memos))
+    plain = b.forward_mixed(x, tower, mixed.Groups(spans, fetch))  # folded now, from the first forward's shapes
+    close(packed, plain)
+    for g, (s, e) in enumerate(spans):
+        close(packed[s:e], b.forward(x[s:e], variants[g]))
+    with torch.inference_mode():  # not channels_last: pointwise convolutions run as convolutions, on weights turned back
+        nchw = tower(x.contiguous(), mixed.Groups(spans, fetch, memo=memos)).float()
+    close(nchw, packed)
