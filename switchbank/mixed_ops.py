@@ -230,9 +230,11 @@ class MixedConv(_Op):
         return None
 
     def prepare(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple:
-        """A folded (weight, bias) as this convolution runs it: where it runs on oneDNN (fp32 CPU),
-        the weight reordered once into oneDNN's layout, which the kernel would otherwise redo on
-        every call (once per group in a mixed batch); :func:`dense` turns it back for other paths."""
+        """A cached tower's folded (weight, bias) as this convolution runs it: where it runs on
+        oneDNN (fp32 CPU), the weight reordered once into oneDNN's layout, which the kernel would
+        otherwise redo on every call, in every batch; :func:`dense` turns it back for other paths.
+        A batch's own folds (weights merged just in time) are used once and stay as they are:
+        reordering them ahead costs more than the kernel's own reorder (measured)."""
         if _PACK_CONV is None or self.in_shape is None or w.device.type != "cpu" or w.dtype != torch.float32:
             return w, b
         if self.pointwise:
@@ -350,7 +352,7 @@ class MixedBatchNorm(_Op):
             if hit is None:
                 w, b = g.fetch(i, conv.names)
                 gamma, beta = g.fetch(i, self.names)
-                hit = memo[key] = conv.prepare(*fold(w, b, gamma, beta, self.mean, self.inv))
+                hit = memo[key] = fold(w, b, gamma, beta, self.mean, self.inv)
             out.append(hit)
         self.folded = True
         return out
