@@ -20,6 +20,7 @@ switch owns a distinct region of the router's space. For each size it measures:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -152,14 +153,16 @@ def in_process(bank: Path, nprobes: list[int]) -> dict:
         tops = [max(sorted(c), key=lambda n: c[n]) for c in counts]
         return float(np.mean([top.split("-")[0] == t for top, t in zip(tops, truth)]))
 
-    batch = emb[:16]
+    # a different batch of held-out images each call: repeating one batch keeps the lists it probes
+    # in the CPU's caches, a best case (5-15% faster at 1,000 distinct switches)
+    batches = itertools.cycle([emb[i:i + 16] for i in range(0, 16 * 20, 16)])
     x16 = torch.stack([backbone.preprocess(im) for _, im in images[:16]])
     fwd = _median_time(lambda: eng.embed(x16), 7)
-    knn = _median_time(lambda: eng.router.counts(batch), 20)
+    knn = _median_time(lambda: eng.router.counts(next(batches)), 20)
     sample = order[:min(len(order), 20_000 // 100)]  # exact search time, per 20,000 vectors
     exact = Router(backbone.embed_dim, 10, "cosine", exact_max=1 << 62)
     exact.load(lambda names: eng._query_source(sample), {n: counts[n] for n in sample})
-    knn_exact = _median_time(lambda: exact.counts(batch), 5) * sum(counts.values()) / max(1, len(exact))
+    knn_exact = _median_time(lambda: exact.counts(next(batches)), 5) * sum(counts.values()) / max(1, len(exact))
     out = {"sync_s": sync_s, "router": eng.router.stats(), "forward_batch16_ms": 1000 * fwd,
            "knn_batch16_ms": 1000 * knn, "knn_over_forward": knn / fwd, "exact_knn_batch16_ms_estimated": 1000 * knn_exact,
            "agreement_demo": agreement(eng.router)[0], "agreement_synthetic": agreement(eng.router)[1],
@@ -168,7 +171,7 @@ def in_process(bank: Path, nprobes: list[int]) -> dict:
         sweep = []
         for p in nprobes:
             eng.router._index.index.nprobe = p
-            t = _median_time(lambda: eng.router.counts(batch), 10)
+            t = _median_time(lambda: eng.router.counts(next(batches)), 10)
             a, b = agreement(eng.router)
             sweep.append({"nprobe": p, "knn_batch16_ms": 1000 * t, "agreement_demo": a, "agreement_synthetic": b,
                           "accuracy": accuracy(eng.router.counts(emb))})

