@@ -24,6 +24,7 @@ import faiss  # noqa: I001
 from safetensors.torch import load as st_load
 
 from bench.common import ROOT, md_table, write
+from bench.scale import count_owners, query_offset
 
 DEMO = ROOT / "demo" / "bank"
 CANDIDATES = 64
@@ -40,20 +41,8 @@ def distinct_queries(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     for i in range(n):
         task, q = names[i % len(names)], demo[names[i % len(names)]]
         if i >= len(names):
-            offset = rng.normal(size=q.shape[1]).astype(np.float32)
-            offset *= 0.5 * norms / np.linalg.norm(offset)
-            task, q = f"{task}-{i:05d}", (q + offset).astype(np.float16).astype(np.float32)
+            task, q = f"{task}-{i:05d}", (q + query_offset(rng, q.shape[1], norms)).astype(np.float16).astype(np.float32)
         out[task] = q
-    return out
-
-
-def _counts(rows, owner) -> list[dict[str, int]]:
-    out = []
-    for row in rows:
-        c: dict[str, int] = {}
-        for i in row:
-            c[owner[i]] = c.get(owner[i], 0) + 1
-        out.append(c)
     return out
 
 
@@ -88,6 +77,12 @@ def main(argv=None) -> int:
             ts.append(time.perf_counter() - t0)
         return 1000 * statistics.median(ts)
 
+    indexes = []
+
+    def record(name: str, build_s: float | None, counts_fn, agreement: float) -> None:
+        indexes.append({"index": name, "build_s": build_s, "knn_batch16_ms": timed(counts_fn), "agreement": agreement})
+        print(indexes[-1], flush=True)
+
     served = Router(backbone.embed_dim, 10, "cosine")
     t0 = time.perf_counter()
     served.load(source, counts)
@@ -95,16 +90,13 @@ def main(argv=None) -> int:
     exact = Router(backbone.embed_dim, 10, "cosine", exact_max=1 << 62)
     exact.load(source, counts)
     ref = exact.counts(emb)
-    rows = [["exact (flat)", "", f"{timed(exact.counts):.2f}", "100.00%"]]
-    results = {"switches": args.switches, "vectors": int(sum(counts.values())), "held_out_images": len(ref),
-               "indexes": [{"index": "exact", "knn_batch16_ms": float(rows[0][2]), "agreement": 1.0}]}
+    record("exact (flat)", None, exact.counts, 1.0)
     del exact
-    agree = float(np.mean([a == b for a, b in zip(served.counts(emb), ref)]))
-    kind = served.stats()["kind"]
-    rows.append([f"the router's ({kind})", f"{build:.1f}", f"{timed(served.counts):.2f}", f"{100 * agree:.2f}%"])
-    results["indexes"].append({"index": f"router ({kind})", "build_s": build, "knn_batch16_ms": float(rows[-1][2]),
-                               "agreement": agree})
-    print(rows[-1], flush=True)
+
+    def agreement(got) -> float:
+        return float(np.mean([a == b for a, b in zip(got, ref)]))
+
+    record(f"the router's ({served.stats()['kind']})", build, served.counts, agreement(served.counts(emb)))
 
     owner = [n for n in queries for _ in range(counts[n])]
     x = np.concatenate([served.prepare(queries[n]) for n in queries])
@@ -122,15 +114,15 @@ def main(argv=None) -> int:
             row = np.sort(row[row >= 0])  # by position, so that equal scores keep the earlier example
             scores = x[row] @ qi
             tops.append(row[np.argsort(-scores, kind="stable")[:10]])
-        return _counts(tops, owner)
+        return count_owners(tops, owner)
 
     for ef in [int(e) for e in args.ef.split(",") if e]:
         graph.hnsw.efSearch = ef
-        agree = float(np.mean([a == b for a, b in zip(search(emb), ref)]))
-        rows.append([f"HNSW, M 32, efSearch {ef}", f"{build:.1f}", f"{timed(search):.2f}", f"{100 * agree:.2f}%"])
-        results["indexes"].append({"index": f"hnsw ef {ef}", "build_s": build, "knn_batch16_ms": float(rows[-1][2]),
-                                   "agreement": agree})
-        print(rows[-1], flush=True)
+        record(f"HNSW, M 32, efSearch {ef}", build, search, agreement(search(emb)))
+    results = {"switches": args.switches, "vectors": int(sum(counts.values())), "held_out_images": len(ref),
+               "indexes": indexes}
+    rows = [[r["index"], "" if r["build_s"] is None else f"{r['build_s']:.1f}", f"{r['knn_batch16_ms']:.2f}",
+             f"{100 * r['agreement']:.2f}%"] for r in indexes]
     md = (f"# Router indexes on a distinct bank of {args.switches:,} switches ({results['vectors']:,} query vectors)\n\n"
           + md_table(["index", "build s", "k-NN, batch of 16 (ms)", f"weights equal to exact ({len(ref)} held-out images)"],
                      rows)

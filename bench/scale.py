@@ -42,6 +42,25 @@ from switchbank.format import META_KEY, content_hash
 DEMO = ROOT / "demo" / "bank"
 
 
+def query_offset(rng: np.random.Generator, dim: int, norm: float) -> np.ndarray:
+    """The random move of one distinct switch's query embeddings: half the typical query ``norm``."""
+    offset = rng.normal(size=dim).astype(np.float32)
+    offset *= 0.5 * norm / np.linalg.norm(offset)
+    return offset
+
+
+def count_owners(rows, owner) -> list[dict[str, int]]:
+    """Per row of example positions, how many of them each task owns (``owner[position]``)."""
+    out = []
+    for row in rows:
+        c: dict[str, int] = {}
+        for i in row:
+            if i >= 0:
+                c[owner[i]] = c.get(owner[i], 0) + 1
+        out.append(c)
+    return out
+
+
 def synth_bank(n: int, dest: Path, seed: int = 0, distinct: bool = True) -> Path:
     """A bank of ``n`` switches made from the demo ones (see the module docstring); with
     ``distinct=False``, plain renamed copies that keep their query embeddings."""
@@ -64,9 +83,7 @@ def synth_bank(n: int, dest: Path, seed: int = 0, distinct: bool = True) -> Path
             meta.update(name=task)
             if distinct:
                 q = tensors["queries"].float()
-                offset = rng.normal(size=q.shape[1]).astype(np.float32)
-                offset *= 0.5 * norms / np.linalg.norm(offset)
-                tensors["queries"] = (q + torch.from_numpy(offset)).to(torch.float16).contiguous()
+                tensors["queries"] = (q + torch.from_numpy(query_offset(rng, q.shape[1], norms))).to(torch.float16).contiguous()
                 meta.update(version=2)
             meta["content_hash"] = content_hash(meta, tensors)
             data = st_save(tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)})
@@ -213,14 +230,7 @@ def exact_counts(eng, order: list[str], x, k: int = 10) -> list[dict[str, int]]:
         d, p = d.gather(1, by_pos), p.gather(1, by_pos)
         by_d = torch.argsort(d, dim=1, stable=True)[:, :k]
         best_d, best_p = d.gather(1, by_d), p.gather(1, by_d)
-    out = []
-    for row in best_p.tolist():
-        c = {}
-        for i in row:
-            if i >= 0:
-                c[owner[i]] = c.get(owner[i], 0) + 1
-        out.append(c)
-    return out
+    return count_owners(best_p.tolist(), owner)
 
 
 def _median_time(fn, n: int) -> float:
