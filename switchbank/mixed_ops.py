@@ -131,13 +131,13 @@ def _packers():
         conv_op, linear_op = torch.ops.mkldnn._reorder_convolution_weight, torch.ops.mkldnn._reorder_linear_weight
         x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
         w, b = torch.randn(4, 1, 3, 3), torch.randn(4)
-        x2, w2 = torch.randn(3, 4), torch.randn(5, 4)
+        x2, w2, b2 = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
         with torch.inference_mode():
             wp = conv_op(w, [1, 1], [1, 1], [1, 1], 4, list(x.shape))
             ok = torch.equal(_ONEDNN_CONV(x, wp, b, [1, 1], [1, 1], [1, 1], 4, "relu", [], ""),
                              _ONEDNN_CONV(x, w, b, [1, 1], [1, 1], [1, 1], 4, "relu", [], ""))
-            ok = ok and torch.equal(_ONEDNN_LINEAR(x2, linear_op(w2, 3), b[:1].expand(5).contiguous(), "none", [], ""),
-                                    _ONEDNN_LINEAR(x2, w2, b[:1].expand(5).contiguous(), "none", [], ""))
+            ok = ok and torch.equal(_ONEDNN_LINEAR(x2, linear_op(w2, 3), b2, "none", [], ""),
+                                    _ONEDNN_LINEAR(x2, w2, b2, "none", [], ""))
         return (conv_op, linear_op) if ok else (None, None)
     except Exception:
         return None, None
