@@ -1,0 +1,99 @@
+"""The exact index's bfloat16 scan gives the answer of a float32 scan, near ties included."""
+
+import numpy as np
+import pytest
+import torch
+
+from switchbank.knn import Exact, _slack
+
+
+def near_ties(n_groups: int, per: int, dim: int, spread: float, seed: int, unit: bool):
+    """Groups of vectors around random centres, ``spread`` apart: many neighbours at almost the
+    same distance, which is what makes a quantised scan misplace them."""
+    g = np.random.default_rng(seed)
+    centres = g.normal(size=(n_groups, dim)).astype(np.float32)
+    x = np.repeat(centres, per, axis=0) + spread * g.normal(size=(n_groups * per, dim)).astype(np.float32)
+    q = centres[g.integers(0, n_groups, 24)] + 0.3 * g.normal(size=(24, dim)).astype(np.float32)
+    if unit:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return x, q
+
+
+def truth(x: np.ndarray, ids: np.ndarray, q: np.ndarray, ip: bool, m: int):
+    """The m nearest in float64, with the gap after the m-th (ties within float32 noise are not a
+    question a float32 index can answer)."""
+    dots = q.astype(np.float64) @ x.astype(np.float64).T
+    dist = -dots if ip else (x.astype(np.float64) ** 2).sum(1) - 2 * dots
+    order = np.argsort(dist, axis=1, kind="stable")
+    gap = np.take_along_axis(dist, order[:, m:m + 1], 1)[:, 0] - np.take_along_axis(dist, order[:, m - 1:m], 1)[:, 0]
+    return ids[order[:, :m]], gap
+
+
+@pytest.mark.parametrize("ip", [True, False])
+def test_bfloat16_scan_finds_what_a_float32_scan_finds(ip):
+    x, q = near_ties(80, 60, 96, spread=0.02, seed=0, unit=ip)
+    ids = np.arange(len(x)) * 7 + 3
+    fast, plain = Exact(96, ip, scan="bfloat16"), Exact(96, ip, scan="float32")
+    for index in (fast, plain):
+        index.add(ids, x)
+        index.remove(ids[:300])  # freed slots are reused by the next additions
+        index.add(ids[:100], x[:100])
+    assert fast.ntotal == plain.ntotal == len(x) - 200 and fast.used == len(x)
+    keep = np.r_[0:100, 300:len(x)]
+    for m in (1, 20):
+        d_fast, i_fast = fast.search(q, m)
+        d_plain, i_plain = plain.search(q, m)
+        want, gap = truth(x[keep], ids[keep], q, ip, m)
+        scale = float(np.abs(d_plain).max()) + 1
+        clear = gap > 1e-5 * scale
+        assert clear.sum() >= len(q) // 2
+        for r in np.nonzero(clear)[0]:  # as a float64 scan where float32 can tell
+            assert set(i_fast[r]) == set(want[r]) == set(i_plain[r])
+        np.testing.assert_allclose(d_fast, d_plain, rtol=0, atol=1e-5 * scale)
+        assert not np.isin(i_fast, ids[100:300]).any()  # removed vectors never come back
+
+
+def test_a_shortlist_too_short_for_the_near_ties_is_widened():
+    # a hundred copies of each vector moved by far less than bfloat16's resolution: the best 4 of
+    # a scan are the same vectors whatever the quantisation does, but their order is not
+    x, q = near_ties(4, 100, 64, spread=1e-4, seed=1, unit=True)
+    fast, plain = Exact(64, True, scan="bfloat16"), Exact(64, True, scan="float32")
+    fast.SHORTLIST = 4
+    for index in (fast, plain):
+        index.add(np.arange(len(x)), x)
+    d_fast, i_fast = fast.search(q, 10)
+    d_plain, i_plain = plain.search(q, 10)
+    np.testing.assert_allclose(d_fast, d_plain, rtol=0, atol=1e-6)
+    want, gap = truth(x, np.arange(len(x)), q, True, 10)
+    for r in np.nonzero(gap > 1e-6)[0]:
+        assert set(i_fast[r]) == set(want[r])
+
+
+def test_the_slack_bounds_the_bfloat16_error():
+    g = torch.Generator().manual_seed(0)
+    # neighbours: large products, where the bound has to be tight to be of use
+    centre = torch.randn(300, generator=g)
+    v = (centre + 0.3 * torch.randn(5000, 300, generator=g)) * 10
+    q = centre + 0.3 * torch.randn(16, 300, generator=g)
+    ql, vl = q.to(torch.bfloat16), v.to(torch.bfloat16)
+    err = torch.stack([torch.linalg.vector_norm(v - vl.float(), dim=1), torch.linalg.vector_norm(vl.float(), dim=1)], 1)
+    for c in (1.0, 2.0):
+        approx = -c * (ql @ vl.T).float()
+        exact = -c * (q.double() @ v.double().T)
+        off = (approx.double() - exact).abs().max(1).values
+        bound = _slack(q, ql, err, c).double()
+        assert (off <= bound).all() and (bound < 5 * off).all()  # a bound, and not a vacuous one
+
+
+def test_empty_and_tiny_indexes():
+    index = Exact(8, False, scan="bfloat16")
+    d, i = index.search(np.zeros((2, 8), np.float32), 5)
+    assert d.shape == (2, 0) and i.shape == (2, 0)
+    index.add(np.array([4, 9]), np.eye(8, dtype=np.float32)[:2])
+    d, i = index.search(np.eye(8, dtype=np.float32)[:1], 5)
+    assert i.tolist() == [[4, 9]]
+    index.remove([4, 9])
+    assert index.search(np.eye(8, dtype=np.float32)[:1], 5)[1].shape == (1, 0)
+    with pytest.raises(ValueError):
+        Exact(8, False, scan="int8")
