@@ -1,4 +1,5 @@
-"""Router indexes on a distinct bank: the router's own (exact or IVF) against a graph index.
+"""Router indexes on a distinct bank: exact search (float32, and the router's bfloat16 scan checked in
+float32), the IVF index the router uses above ``exact_max``, and a graph index.
 
     python -m bench.router_index [--switches 1000] [--ef 64,128,256,512]
 
@@ -6,7 +7,7 @@ The bank's query vectors are made as `bench.scale` makes its distinct banks (swi
 switch i mod 6's query embeddings moved by a random offset of half their typical norm; the first six
 are not moved). For each index it measures the build time, the k-NN time for a batch of 16 held-out
 demo images (median of 20 batches), and on how many of the held-out images the routing weights equal
-exact search's. The graph index is faiss's HNSW (M 32) followed by the same exact re-ranking of 64
+those of a float32 exact search. The graph index is faiss's HNSW (M 32) followed by the same exact re-ranking of 64
 candidates that the router's IVF path uses.
 """
 
@@ -83,20 +84,28 @@ def main(argv=None) -> int:
         indexes.append({"index": name, "build_s": build_s, "knn_batch16_ms": timed(counts_fn), "agreement": agreement})
         print(indexes[-1], flush=True)
 
-    served = Router(backbone.embed_dim, 10, "cosine")
-    t0 = time.perf_counter()
-    served.load(source, counts)
-    build = time.perf_counter() - t0
-    exact = Router(backbone.embed_dim, 10, "cosine", exact_max=1 << 62)
-    exact.load(source, counts)
-    ref = exact.counts(emb)
-    record("exact (flat)", None, exact.counts, 1.0)
-    del exact
+    def built(**kw):
+        router = Router(backbone.embed_dim, 10, "cosine", **kw)
+        t0 = time.perf_counter()
+        router.load(source, counts)
+        return router, time.perf_counter() - t0
+
+    plain, build = built(exact_max=1 << 62)
+    plain._index.scan = "float32"
+    ref = plain.counts(emb)
+    record("exact, float32 scan", build, plain.counts, 1.0)
+    del plain
 
     def agreement(got) -> float:
         return float(np.mean([a == b for a, b in zip(got, ref)]))
 
-    record(f"the router's ({served.stats()['kind']})", build, served.counts, agreement(served.counts(emb)))
+    served, build = built()
+    stats = served.stats()
+    record(f"the router's default: {stats['kind']}" + (f", {stats['scan']} scan" if "scan" in stats else ""),
+           build, served.counts, agreement(served.counts(emb)))
+    ivf, build = built(exact_max=20_000)
+    record(f"IVF-SQ8 (exact_max 20,000), nprobe {ivf.nprobe}", build, ivf.counts, agreement(ivf.counts(emb)))
+    del ivf
 
     owner = [n for n in queries for _ in range(counts[n])]
     x = np.concatenate([served.prepare(queries[n]) for n in queries])

@@ -260,8 +260,9 @@ class Router:
             if n > self.exact_max or (n >= TRAIN and n * examples > 2 * self.exact_max * state[1].count):
                 break
         else:
-            log.info("router: exact index, %d distinct vectors of %d examples, %d tasks",
-                     state[0].ntotal, state[1].count, len(state[2]))
+            state[0].ready()
+            log.info("router: exact index (%s scan), %d distinct vectors of %d examples, %d tasks",
+                     state[0].scanning, state[0].ntotal, state[1].count, len(state[2]))
             return state
         train = state[0].vectors()[:TRAIN]
         distinct = max(train.shape[0], int(examples * train.shape[0] / max(1, state[1].count)))
@@ -321,6 +322,8 @@ class Router:
         out = {"kind": idx.kind, "examples": self._ex.count, "distinct_vectors": idx.ntotal, "tasks": len(self._tid),
                "bytes": idx.nbytes(), "metric": self.metric, "k": self.k, "rebuilds": self.rebuilds,
                "rebuilding": self._rebuilding is not None}
+        if isinstance(idx, Exact):
+            out.update(scan=idx.scanning)
         if isinstance(idx, IVF):
             out.update(nlist=idx.nlist, nprobe=idx.index.nprobe, candidates=idx.candidates,
                        trained_on=idx.trained_on, built_on=idx.built_on)
