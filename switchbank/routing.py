@@ -32,10 +32,10 @@ from .knn import IVF, Exact, ivf_lists
 
 log = logging.getLogger(__name__)
 METRICS = ("l2", "cosine")
-# Distinct vectors searched exactly. At 1280-d, a batch of 16 takes about 21 ms over 100,000 vectors
-# on the machine measured (bfloat16 scan), where the IVF index takes 9 ms but gives the exact
-# answer's weights on only 97.4% of the demo's held-out images; at 200,000 the exact index holds
-# 1.5 GB (six bytes a dimension) and scans in about as long as the demo tower's forward.
+# Distinct vectors searched exactly. At 1280-d, a batch of 16 takes 18-24 ms over 100,000 vectors
+# on the machine measured (bfloat16 scan), where the IVF index takes 9-11 ms but gives the exact
+# answer's weights on only 97% of the demo's held-out images (bench.router_index); at 200,000 the
+# exact index holds 1.5 GB (six bytes a dimension) and scans in about two demo-tower forwards.
 EXACT_MAX = 200_000
 TRAIN = 20_000  # vectors an IVF index is trained on
 # source(tasks) yields (task, embeddings) for the given tasks, or for every task when tasks is None
