@@ -116,19 +116,17 @@ class Exact:
         if need <= cap:
             return
         cap = max(need, 2 * cap, 64)
-        full = torch.empty((cap, self.dim), dtype=torch.float32)
-        full[:self.used] = self.full[:self.used]
-        bias = torch.full((cap,), float("inf"))
-        bias[:self.used] = self.bias[:self.used]
-        ids = np.full(cap, -1, dtype=np.int64)
-        ids[:self.used] = self.ids[:self.used]
-        self.full, self.bias, self.ids = full, bias, ids
+
+        def grown(old, new):
+            new[:self.used] = old[:self.used]
+            return new
+
+        self.full = grown(self.full, torch.empty((cap, self.dim), dtype=torch.float32))
+        self.bias = grown(self.bias, torch.full((cap,), float("inf")))
+        self.ids = grown(self.ids, np.full(cap, -1, dtype=np.int64))
         if self.low is not None:
-            low = torch.empty((cap, self.dim), dtype=torch.bfloat16)
-            low[:self.used] = self.low[:self.used]
-            err = torch.zeros((cap, 2))
-            err[:self.used] = self.err[:self.used]
-            self.low, self.err = low, err
+            self.low = grown(self.low, torch.empty((cap, self.dim), dtype=torch.bfloat16))
+            self.err = grown(self.err, torch.zeros((cap, 2)))
 
     def _lower(self, at: slice | torch.Tensor) -> None:
         """The bfloat16 rows at ``at`` (a slice, or slot numbers) and their error terms; a long
@@ -176,9 +174,10 @@ class Exact:
                 self.ids[s] = -1
                 self.free.append(s)
 
-    def vectors(self) -> np.ndarray:
-        """Every vector held (a copy), in slot order."""
-        return self.full[:self.used][torch.from_numpy(self.ids[:self.used] >= 0)].numpy()
+    def vectors(self, limit: int | None = None) -> np.ndarray:
+        """The vectors held (a copy), in slot order; the first ``limit`` of them if given."""
+        held = np.flatnonzero(self.ids[:self.used] >= 0)[:limit]
+        return self.full[torch.from_numpy(held)].numpy()
 
     @property
     def ntotal(self) -> int:
@@ -233,6 +232,8 @@ class Exact:
             width = int(torch.bincount(rows, minlength=q.shape[0]).max())
             first = torch.searchsorted(rows, torch.arange(q.shape[0]))
             col = torch.arange(rows.numel()) - first[rows]
+            # ragged, so one dot product per pair rather than _exact's batched product (which is
+            # twice as fast per vector on the shortlist's rectangle, measured)
             dots = torch.linalg.vecdot(self.full.index_select(0, slots), q.index_select(0, rows))
             more = torch.full((q.shape[0], width), float("inf"))
             more[rows, col] = self.bias[slots] - c * dots

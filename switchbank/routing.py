@@ -264,7 +264,7 @@ class Router:
             log.info("router: exact index (%s scan), %d distinct vectors of %d examples, %d tasks",
                      state[0].scanning, state[0].ntotal, state[1].count, len(state[2]))
             return state
-        train = state[0].vectors()[:TRAIN]
+        train = state[0].vectors(TRAIN)
         distinct = max(train.shape[0], int(examples * train.shape[0] / max(1, state[1].count)))
         nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
         state = (IVF(self.dim, ip, nlist, self.nprobe, train, capacity=distinct + distinct // 8), _Examples(), {}, {})
