@@ -21,21 +21,35 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     cpu = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu,
+    return {"host": platform.node(), "cpu": cpu, "isa": _isa(flags), "cores": os.cpu_count(), "gpu": gpu,
             "device": "cuda" if gpu else "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}
 
 
+def _isa(flags: set[str]) -> str:
+    """The widest vector extensions the figures depend on (bfloat16 products, AVX-512, AVX2)."""
+    for name, need in (("amx", "amx_bf16"), ("avx512-bf16", "avx512_bf16"), ("avx512", "avx512f"), ("avx2", "avx2")):
+        if need in flags:
+            return name
+    return platform.machine()
+
+
 def machine_tag() -> str:
+    """Results' file suffix: the GPU, or the CPU's cores, with "-avx2" where the CPU lacks AVX-512
+    (its figures differ by several times; results without it come from an AVX512-BF16 CPU)."""
     m = machine()
-    return ("gpu-" + m["gpu"].split()[-1].lower()) if m["gpu"] else f"cpu{m['cores']}"
+    if m["gpu"]:
+        return "gpu-" + m["gpu"].split()[-1].lower()
+    return f"cpu{m['cores']}" + ("-avx2" if m["isa"] == "avx2" else "")
 
 
 def sync() -> None:
@@ -94,7 +108,7 @@ def write(name: str, payload: dict, markdown: str) -> Path:
     base = RESULTS / f"{name}-{tag}"
     base.with_suffix(".json").write_text(json.dumps({"machine": machine(), **payload}, indent=1) + "\n")
     m = machine()
-    header = (f"Machine: {m['cpu']} ({m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}), torch {m['torch']}, "
+    header = (f"Machine: {m['cpu']} ({m['isa']}, {m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}), torch {m['torch']}, "
               f"{m['threads']} threads, device {m['device']}.\n\n")
     base.with_suffix(".md").write_text(header + markdown + "\n")
     return base

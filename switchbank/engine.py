@@ -29,7 +29,7 @@ from .errors import InvalidInput, NotFound, SwitchChanged
 from .hot import HotSet
 from .jit import DEFAULT_BUDGET, JitMerge
 from .resident import Residency
-from .routing import EXACT_MAX, Router
+from .routing import Router
 from .switchset import SwitchSet
 from .types import Combination, Switch
 
@@ -65,6 +65,7 @@ class EngineStats:
     mixed_forward: bool = False
     mixed_unsupported: str = ""
     hot_tracked: int = 0
+    warm: bool = False  # the mixed tower is built and the kernels are loaded (Engine.warm_up)
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Hashes:
 class Engine(SwitchSet):
     def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30, router_metric: str = "l2",
                  hot_after: int = 2, mixed_forward: bool = True, scratch_bytes: int = DEFAULT_BUDGET,
-                 resident_bytes: int = 1 << 30, router_exact_max: int = EXACT_MAX, router_nprobe: int = 32):
+                 resident_bytes: int = 1 << 30, router_exact_max: int | None = None, router_nprobe: int = 32,
+                 warm: bool = True):
         super().__init__()
         self.backbone = backbone
         self.router = Router(backbone.embed_dim, k, router_metric, exact_max=router_exact_max, nprobe=router_nprobe)
@@ -108,24 +110,42 @@ class Engine(SwitchSet):
         self.mixed: mixed.MixedTower | None = None
         self.jit: JitMerge | None = None
         self._mixed_lock = threading.Lock()  # the mixed tower and the scratch are used by one batch at a time
-        if mixed_forward:
-            self.mixed, reason = mixed.build(backbone.model, backbone.params, backbone.buffers, backbone.probe())
-            if self.mixed is None:
-                log.warning("one-pass mixed forward unavailable for %s (%s); batches that need several "
-                            "combinations run one forward per combination", backbone.arch, reason)
-                self._stats.mixed_unsupported = reason
-            else:
-                self.jit = JitMerge(backbone.params, self.mixed.order, scratch_bytes)
-                # the router pass runs the base weights through the mixed tower too, with its
-                # convolutions and norms folded once here
-                self._base_memo, _ = self.mixed.derived(backbone.params)
-        else:
-            self._stats.mixed_unsupported = "disabled"
-        self._stats.mixed_forward = self.mixed is not None
+        self._mixed_forward, self._scratch_bytes = mixed_forward, scratch_bytes
+        self._warm_lock = threading.Lock()
+        self._warm = False
         self.on_materialise = None  # optional callback(seconds), for metrics
-        if fused.supports(backbone.params.values()):
-            fused.warm_up()  # compile the merge kernel now, not inside the first request
-        packing.warm_up()  # and the kernels that decode a switch's bits on first use
+        if warm:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Build the mixed tower and load the merge and decoding kernels (about a second on a
+        CPU), once. A server constructs the engine with ``warm=False`` and calls this after it
+        reports ready; the first batch waits for it if it comes sooner."""
+        if self._warm:
+            return
+        with self._warm_lock:
+            if self._warm:
+                return
+            backbone = self.backbone
+            if fused.supports(backbone.params.values()):
+                fused.warm_up()  # before JitMerge asks whether the kernel can merge these weights
+            packing.warm_up()  # the kernels that decode a switch's bits on first use
+            if self._mixed_forward:
+                tower, reason = mixed.build(backbone.model, backbone.params, backbone.buffers, backbone.probe())
+                if tower is None:
+                    log.warning("one-pass mixed forward unavailable for %s (%s); batches that need several "
+                                "combinations run one forward per combination", backbone.arch, reason)
+                    self._stats.mixed_unsupported = reason
+                else:
+                    self.jit = JitMerge(backbone.params, tower.order, self._scratch_bytes)
+                    # the router pass runs the base weights through the mixed tower too, with its
+                    # convolutions and norms folded once here
+                    self._base_memo, _ = tower.derived(backbone.params)
+                    self.mixed = tower
+            else:
+                self._stats.mixed_unsupported = "disabled"
+            self._stats.mixed_forward = self.mixed is not None
+            self._stats.warm = self._warm = True
 
     def pin(self, names: list[str], warm: bool = True) -> None:
         """Keep these switches' bits resident for good and, with ``warm``, build and cache the
@@ -178,6 +198,7 @@ class Engine(SwitchSet):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Router embeddings (the pretrained encoder) of a preprocessed batch."""
+        self.warm_up()
         if self.mixed is None:
             return self.backbone.forward(x)
         base = self.backbone.params
@@ -193,6 +214,7 @@ class Engine(SwitchSet):
         """The merged weights of ``combo`` as the forward reads them, and the bytes they own (the
         cache's unit): for the mixed forward, its tensors with convolutions and their norms
         folded; otherwise a replica of the tower holding them."""
+        self.warm_up()
         t0 = time.perf_counter()
         base = self.backbone.params
         weighted = [(switches[name], float(w)) for name, _, w in combo.terms]
@@ -238,6 +260,7 @@ class Engine(SwitchSet):
         raise AssertionError("unreachable")
 
     def _run(self, x: torch.Tensor, routes: list[Route]) -> list[Result]:
+        self.warm_up()
         switches = self.switches
         resolved = self.resolve(routes, x, switches)
         groups: dict[Combination, list[int]] = {}

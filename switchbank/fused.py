@@ -11,104 +11,46 @@ terms are added in the same order, one rounding per switch.
 
 Tensors are passed by address so that each merged tensor is its own allocation, as a clone's would
 be; merge() checks devices, dtypes, contiguity and bit lengths before any address is taken, and
-holds every tensor while the kernel runs. numba compiles the kernel on first use (cached on disk
-where a cache directory is writable).
+holds every tensor while the kernel runs. The kernel (merge_kernel.py) is imported on the first
+merge or warm_up(), and numba compiles it then (cached on disk where a cache directory is writable).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-try:
-    import numba
-    from numba import carray, njit, prange, types
-    from numba.extending import intrinsic
-except ImportError:  # the torch path still works, only slower
-    numba = None
-
-AVAILABLE = numba is not None
+# numba is imported with the kernel, on the first merge (merge_kernel.py); without it the torch
+# path still works, only slower
+AVAILABLE = importlib.util.find_spec("numba") is not None
 
 BLOCK = 1 << 15  # elements per work item: one fp32 block stays in L2 while all switches are added
 
 # numba's fallback thread pool (workqueue) aborts on concurrent launches from two Python threads
 _LOCK = threading.Lock()
+_LOAD = threading.Lock()
+_KERNEL = None
 
 
-if AVAILABLE:
-
-    def _pointer(kind):
-        @intrinsic
-        def cast(typingctx, addr):
-            ptr = types.CPointer(kind)
-
-            def codegen(context, builder, signature, args):
-                return builder.inttoptr(args[0], context.get_value_type(ptr))
-
-            return ptr(types.intp), codegen
-
-        return cast
-
-    _f32 = _pointer(types.float32)
-    _u8 = _pointer(types.uint8)
-
-    @njit(inline="always")
-    def _ternary(m, mp, b):
-        # bit b of mask m and of mp = m & pos gives 2 * mp - m in {-1, 0, +1}, as an integer first,
-        # as torch decodes it: a dropped entry is +0.0, never -0.0
-        return np.float32(2 * ((mp >> b) & 1) - ((m >> b) & 1))
-
-    def _merge_py(base_addr, out_addr, mask_addr, pos_addr, coef, items, bounds):
-        n_terms = coef.shape[0]
-        # one iteration per thread, each over a run of items holding an equal share of elements
-        for w in prange(bounds.shape[0] - 1):
-            for k in range(bounds[w], bounds[w + 1]):
-                _block(base_addr, out_addr, mask_addr, pos_addr, coef, n_terms, items[k, 0], items[k, 1], items[k, 2])
-
-    @njit(inline="always")
-    def _block(base_addr, out_addr, mask_addr, pos_addr, coef, n_terms, i, e0, e1):
-        # views that start at the block: indices from 0 up keep the loops vectorisable
-        n = e1 - e0
-        base = carray(_f32(base_addr[i] + 4 * e0), n)
-        out = carray(_f32(out_addr[i] + 4 * e0), n)
-        full = n >> 3
-        first = True
-        for t in range(n_terms):
-            c = coef[t, i]
-            if c == 0.0:
-                continue
-            mask = carray(_u8(mask_addr[t, i] + (e0 >> 3)), (n + 7) >> 3)
-            pos = carray(_u8(pos_addr[t, i] + (e0 >> 3)), (n + 7) >> 3)
-            # two copies of the loop so that each is a plain stream the compiler vectorises
-            if first:
-                for j in range(full):
-                    m = np.int32(mask[j])
-                    mp = m & np.int32(pos[j])
-                    for b in range(8):
-                        out[8 * j + b] = base[8 * j + b] + c * _ternary(m, mp, b)
-            else:
-                for j in range(full):
-                    m = np.int32(mask[j])
-                    mp = m & np.int32(pos[j])
-                    for b in range(8):
-                        out[8 * j + b] = out[8 * j + b] + c * _ternary(m, mp, b)
-            for e in range(8 * full, n):
-                m = np.int32(mask[e >> 3])
-                term = c * _ternary(m, m & np.int32(pos[e >> 3]), e & 7)
-                out[e] = (base[e] if first else out[e]) + term
-            first = False
-        if first:  # no term touches this block: the caller never asks for it, but stay correct
-            for e in range(n):
-                out[e] = base[e]
-
-    _OPTIONS = dict(parallel=True, boundscheck=False, error_model="numpy", nogil=True)
-    try:
-        _merge = njit(cache=True, **_OPTIONS)(_merge_py)
-    except RuntimeError:  # no writable cache directory: compile in memory
-        _merge = njit(**_OPTIONS)(_merge_py)
+def _kernel():
+    """The kernel's module, imported on first use; Unsupported where numba cannot be imported."""
+    global _KERNEL, AVAILABLE
+    if _KERNEL is None:
+        with _LOAD:
+            if _KERNEL is None and AVAILABLE:
+                try:
+                    from . import merge_kernel
+                except (ImportError, RuntimeError):  # a numba that does not load: supports() says no from now on
+                    AVAILABLE = False
+                else:
+                    _KERNEL = merge_kernel
+    if _KERNEL is None:
+        raise Unsupported("numba is not available")
+    return _KERNEL
 
 
 class Unsupported(ValueError):
@@ -186,10 +128,11 @@ def merge(base: list[torch.Tensor], terms: list[Term], out: list[torch.Tensor] |
     items = _items(numel)
     if not len(items):  # nothing but empty tensors
         return out
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    kernel = _kernel()
+    threads = max(1, min(torch.get_num_threads(), kernel.numba.config.NUMBA_NUM_THREADS))
     with _LOCK:
-        numba.set_num_threads(threads)
-        _merge(base_addr, out_addr, mask_addr, pos_addr, coef, items, _bounds(items, threads))
+        kernel.numba.set_num_threads(threads)
+        kernel.merge(base_addr, out_addr, mask_addr, pos_addr, coef, items, _bounds(items, threads))
     return out
 
 
@@ -199,4 +142,7 @@ def warm_up() -> None:
         return
     bits = torch.tensor([0b101, 0b001], dtype=torch.uint8)
     one = np.zeros(1, dtype=np.int64)
-    merge([torch.zeros(11)], [Term(bits, bits, one, one, np.ones(1, dtype=np.float32))])
+    try:
+        merge([torch.zeros(11)], [Term(bits, bits, one, one, np.ones(1, dtype=np.float32))])
+    except Unsupported:  # numba does not load here: merges take the torch path
+        pass

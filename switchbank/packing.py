@@ -175,71 +175,23 @@ DEPOSIT = _deposit_table()
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
 LOWBIT = np.array([0] + [(i & -i).bit_length() - 1 for i in range(1, 256)], dtype=np.int64)
 
-try:
-    from numba import njit
-
-    @njit(cache=True, nogil=True, boundscheck=False)
-    def _expand(mask, sign, m_start, m_len, s_start, deposit, popcount, pos, counts):
-        n_sign = sign.shape[0]
-        for t in range(m_start.shape[0]):
-            bit = s_start[t] * 8
-            c_total = 0
-            for j in range(m_start[t], m_start[t] + m_len[t]):
-                m = mask[j]
-                c = popcount[m]
-                byte = bit >> 3
-                v = np.int64(sign[byte]) if byte < n_sign else np.int64(0)
-                if byte + 1 < n_sign:
-                    v |= np.int64(sign[byte + 1]) << 8
-                s = (v >> (bit & 7)) & ((1 << c) - 1)
-                pos[j] = deposit[m, s]
-                bit += c
-                c_total += c
-            counts[t] = c_total
+_LOAD = threading.Lock()
+_KERNELS = None
 
 
-    @njit(cache=True, nogil=True, boundscheck=True)
-    def _rice_bitmap(stream, unary_bits, kept, k, n, lowbit, out):
-        """Set the bits a Rice stream encodes in ``out`` (a zeroed bitmap); returns the number of
-        codes read, or -1 when a position falls outside the tensor."""
-        ub = (unary_bits + 7) >> 3
-        size = stream.shape[0]
-        u = 0  # bit position in the unary stream
-        r = ub * 8  # bit position of the remainders
-        pos = -1
-        for i in range(kept):
-            q = 0
-            while True:  # the next set bit of the unary stream, a byte at a time
-                if u >= unary_bits:
-                    return i
-                v = np.int64(stream[u >> 3]) >> (u & 7)
-                if v == 0:
-                    q += 8 - (u & 7)
-                    u += 8 - (u & 7)
-                    continue
-                tz = lowbit[v]
-                q += tz
-                u += tz + 1
-                break
-            if u > unary_bits:
-                return i
-            rem = np.int64(0)
-            if k:
-                byte = r >> 3
-                for j in range(5):
-                    if byte + j < size:
-                        rem |= np.int64(stream[byte + j]) << (8 * j)
-                rem = (rem >> (r & 7)) & ((np.int64(1) << k) - 1)
-                r += k
-            pos += (q << k) + rem + 1
-            if pos >= n:
-                return -1
-            out[pos >> 3] |= np.uint8(1 << (pos & 7))
-        return kept
-
-except (ImportError, RuntimeError):  # without numba: the per-tensor path
-    _expand = None
-    _rice_bitmap = None
+def _kernels():
+    """The decoding kernels' module, imported on first use; None where numba cannot be imported
+    (the per-tensor numpy path is used then)."""
+    global _KERNELS
+    if _KERNELS is None:
+        with _LOAD:
+            if _KERNELS is None:
+                try:
+                    from . import bits_kernel as k
+                except (ImportError, RuntimeError):
+                    k = False
+                _KERNELS = k
+    return _KERNELS or None
 
 
 def expand_signs(mask: np.ndarray, sign: np.ndarray, m_len: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -251,9 +203,10 @@ def expand_signs(mask: np.ndarray, sign: np.ndarray, m_len: np.ndarray, kept: np
     m_start = np.concatenate([[0], np.cumsum(m_len)[:-1]]).astype(np.int64)
     s_start = np.concatenate([[0], np.cumsum((kept + 7) // 8)[:-1]]).astype(np.int64)
     pos = np.zeros_like(mask)
-    if _expand is not None:
+    kernels = _kernels()
+    if kernels is not None:
         counts = np.zeros(len(m_len), dtype=np.int64)
-        _expand(mask, sign, m_start, m_len, s_start, DEPOSIT, POPCOUNT, pos, counts)
+        kernels.expand(mask, sign, m_start, m_len, s_start, DEPOSIT, POPCOUNT, pos, counts)
         bad = np.flatnonzero(counts != kept)
         if bad.size:
             raise ValueError(f"tensor {int(bad[0])}: mask has {int(counts[bad[0]])} set bits, expected {int(kept[bad[0]])}")
@@ -268,10 +221,11 @@ def rice_to_bitmap(stream: np.ndarray, n: int, kept: int, k: int, unary_bits: in
     """The packed bitmap of a Rice-coded mask (as pack_bits(rice_decode(...)), faster)."""
     if stream.size != rice_len(kept, k, unary_bits):
         raise ValueError("Rice stream has the wrong length")
-    if _rice_bitmap is None:
+    kernels = _kernels()
+    if kernels is None:
         return pack_bits(rice_decode(stream, n, kept, k, unary_bits))
     out = np.zeros(packed_len(n), dtype=np.uint8)
-    got = _rice_bitmap(np.ascontiguousarray(stream), unary_bits, kept, k, n, LOWBIT, out)
+    got = kernels.rice_bitmap(np.ascontiguousarray(stream), unary_bits, kept, k, n, LOWBIT, out)
     if got == -1:
         raise ValueError("Rice stream points past the end of the tensor")
     if got != kept:

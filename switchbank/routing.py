@@ -11,7 +11,8 @@ distinct vector once and keeps the list of examples (task, position) it stands f
 search over distinct vectors, expanded into examples, is exactly the search over all examples.
 
 The index (knn.py) is exact up to ``exact_max`` distinct vectors and an IVF index with exact
-re-ranking above, chosen when the index is built. Tasks are added and removed incrementally; when the
+re-ranking above, chosen when the index is built; by default the limit follows the scan this CPU
+makes fast (EXACT_MAX with a fast bfloat16 product, EXACT_MAX_FLOAT32 without). Tasks are added and removed incrementally; when the
 index has grown or shrunk by half since it was built, or crossed ``exact_max``, ``rebuild`` builds a
 new one in the background from the caller's source of embeddings while the old one keeps answering,
 then replays the changes made meanwhile.
@@ -28,15 +29,18 @@ import numpy as np
 import torch
 
 from .errors import Incompatible, InvalidInput
-from .knn import IVF, Exact, ivf_lists
+from .knn import IVF, Exact, bf16_fast, ivf_lists
 
 log = logging.getLogger(__name__)
 METRICS = ("l2", "cosine")
-# Distinct vectors searched exactly. At 1280-d, a batch of 16 takes 18-24 ms over 100,000 vectors
-# on the machine measured (bfloat16 scan), where the IVF index takes 9-11 ms but gives the exact
-# answer's weights on only 97% of the demo's held-out images (bench.router_index); at 200,000 the
-# exact index holds 1.5 GB (six bytes a dimension) and scans in about two demo-tower forwards.
+# Distinct vectors searched exactly, by default. Where a bfloat16 product is fast (knn.bf16_fast),
+# a batch of 16 takes 18-24 ms over 100,000 1280-d vectors (bfloat16 scan checked in float32), where
+# the IVF index takes 9-11 ms but gives the exact answer's weights on only 97% of the demo's held-out
+# images (bench.router_index); at 200,000 the exact index holds 1.5 GB (six bytes a dimension) and
+# scans in about two demo-tower forwards. Where it is not (AVX2 without AVX512-BF16), a float32 scan
+# of 100,000 vectors took 159 ms against the IVF index's 23 ms, so the exact limit stays at 20,000.
 EXACT_MAX = 200_000
+EXACT_MAX_FLOAT32 = 20_000
 TRAIN = 20_000  # vectors an IVF index is trained on
 # source(tasks) yields (task, embeddings) for the given tasks, or for every task when tasks is None
 Source = Callable[[list[str] | None], Iterable[tuple[str, np.ndarray]]]
@@ -126,13 +130,14 @@ class _Examples:
 class Router:
     """k-NN routing over task query embeddings; tasks come and go without a rebuild."""
 
-    def __init__(self, dim: int, k: int = 10, metric: str = "l2", *, exact_max: int = EXACT_MAX, nprobe: int = 32):
+    def __init__(self, dim: int, k: int = 10, metric: str = "l2", *, exact_max: int | None = None, nprobe: int = 32):
         if k < 1:
             raise InvalidInput(f"K must be at least 1, got {k}")
         if metric not in METRICS:
             raise InvalidInput(f"router metric must be one of {METRICS}, got {metric!r}")
         self.dim, self.k, self.metric = int(dim), int(k), metric
-        self.exact_max, self.nprobe = int(exact_max), int(nprobe)
+        self._exact_max = None if exact_max is None else int(exact_max)
+        self.nprobe = int(nprobe)
         self._index: Exact | IVF = Exact(self.dim, metric == "cosine")
         self._ex = _Examples()
         self._tid: dict[str, int] = {}
@@ -155,6 +160,16 @@ class Router:
     @property
     def kind(self) -> str:
         return self._index.kind
+
+    def exact_limit(self, vectors: int | None = None) -> int:
+        """Distinct vectors searched exactly: the setting, or by default EXACT_MAX where a bfloat16
+        scan is fast and EXACT_MAX_FLOAT32 where not. ``vectors`` (at most this many to index)
+        skips timing the scan when both limits would hold them."""
+        if self._exact_max is not None:
+            return self._exact_max
+        if vectors is not None and vectors <= EXACT_MAX_FLOAT32:
+            return EXACT_MAX_FLOAT32
+        return EXACT_MAX if bf16_fast() else EXACT_MAX_FLOAT32
 
     def prepare(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
         """float32 rows as the index holds them (unit length for the cosine metric)."""
@@ -251,13 +266,14 @@ class Router:
         # in random task order, so that the first vectors are a fair sample to train an IVF on
         order = [sorted(counts)[i] for i in np.random.default_rng(0).permutation(len(counts))]
         examples = sum(counts.values())
-        state = (Exact(self.dim, ip, capacity=min(examples, self.exact_max + 1)), _Examples(), {}, {})
+        limit = self.exact_limit(examples)
+        state = (Exact(self.dim, ip, capacity=min(examples, limit + 1)), _Examples(), {}, {})
         for task, emb in source(order):
             self._insert(state, task, self._checked(task, emb))
             n = state[0].ntotal
             # past the IVF's training sample, stop early where the bank is on course for twice the
             # exact index's limit (if it was not, needs_rebuild turns the IVF back into an exact index)
-            if n > self.exact_max or (n >= TRAIN and n * examples > 2 * self.exact_max * state[1].count):
+            if n > limit or (n >= TRAIN and n * examples > 2 * limit * state[1].count):
                 break
         else:
             state[0].ready()
@@ -277,10 +293,11 @@ class Router:
 
     def needs_rebuild(self) -> bool:
         n = self._index.ntotal
+        limit = self.exact_limit(n)
         if isinstance(self._index, Exact):
-            return n > self.exact_max
+            return n > limit
         built = self._index.built_on
-        return n < self.exact_max // 2 or n > 2 * built or n < built // 2
+        return n < limit // 2 or n > 2 * built or n < built // 2
 
     def rebuild(self, source: Source, counts: dict[str, int], background: bool = True) -> bool:
         """Rebuild the index from ``source`` if it has drifted; changes made meanwhile are replayed

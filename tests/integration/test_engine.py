@@ -120,3 +120,18 @@ def test_replica_runs_merged_weights_and_shares_the_rest(engine, backbone):
     del module, params, p
     gc.collect()
     assert merged() is None  # dropping the replica returns the merged memory
+
+
+def test_an_engine_built_cold_warms_up_on_its_first_batch(engine, backbone, tower):
+    """Engine(warm=False) leaves the mixed tower and the kernels for later (a server does that after
+    it reports ready); a batch that comes first waits for them and gets the same answers."""
+    cold = Engine(backbone, k=5, cache_bytes=64 << 20, warm=False)
+    assert cold.mixed is None and not cold.stats().warm and not cold.stats().mixed_forward
+    for t in TASKS:
+        cold.add(engine.switches[t])
+    x = torch.cat([images(t, 2, seed=200 + i) for i, t in enumerate(TASKS)])
+    routes = [Route(task="red"), Route(weights={"green": 0.5, "blue": 0.5}), Route()] * 2
+    got, want = cold.run(x, routes), engine.run(x, routes)
+    assert cold.stats().warm and cold.stats().mixed_forward and cold.mixed is not None
+    assert [(r.head, r.weights, r.mode) for r in got] == [(r.head, r.weights, r.mode) for r in want]
+    torch.testing.assert_close(torch.stack([r.probs for r in got]), torch.stack([r.probs for r in want]))

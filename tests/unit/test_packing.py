@@ -95,3 +95,17 @@ def test_sign_expansion_equals_the_reference():
     assert np.array_equal(pos, want)
     with pytest.raises(ValueError, match="set bits"):
         expand_signs(np.concatenate(masks), np.concatenate(signs), [len(m) for m in masks], [k + 1 for k in kept])
+
+
+def test_without_numba_the_decoders_give_the_same_bits(monkeypatch):
+    """Where numba does not load, expanding signs and decoding Rice streams take the numpy path."""
+    from switchbank import packing
+    g = np.random.default_rng(4)
+    m = g.random(5000) < 0.3
+    mask, sign = pack_bits(m), pack_bits(g.random(int(m.sum())) < 0.5)
+    stream, k, ub = packing.rice_encode(m)
+    fast = packing.expand_signs(mask, sign, [mask.size], [int(m.sum())]), packing.rice_to_bitmap(stream, m.size, int(m.sum()), k, ub)
+    monkeypatch.setattr(packing, "_KERNELS", False)
+    assert packing._kernels() is None
+    slow = packing.expand_signs(mask, sign, [mask.size], [int(m.sum())]), packing.rice_to_bitmap(stream, m.size, int(m.sum()), k, ub)
+    assert np.array_equal(fast[0], slow[0]) and np.array_equal(fast[1], slow[1])

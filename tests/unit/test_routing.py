@@ -175,3 +175,34 @@ def test_the_knn_module_loads_torch_before_faiss():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip() == "True"
+
+
+def test_exact_limit_follows_the_scan_this_cpu_makes_fast(monkeypatch):
+    import switchbank.routing as routing
+
+    def probe_not_expected():
+        raise AssertionError("timed the scan for a bank both limits hold")
+
+    r = Router(dim=4)
+    monkeypatch.setattr(routing, "bf16_fast", probe_not_expected)
+    assert r.exact_limit(routing.EXACT_MAX_FLOAT32) == routing.EXACT_MAX_FLOAT32
+    for fast, limit in ((True, routing.EXACT_MAX), (False, routing.EXACT_MAX_FLOAT32)):
+        monkeypatch.setattr(routing, "bf16_fast", lambda fast=fast: fast)
+        assert r.exact_limit(routing.EXACT_MAX_FLOAT32 + 1) == limit
+        assert r.exact_limit() == limit
+    assert Router(dim=4, exact_max=7).exact_limit(10 ** 9) == 7  # a setting wins
+    # the limit decides the index: a bank past the float32 limit gets an IVF index on a CPU
+    # without fast bfloat16 products, and stays exact where they are fast
+    x = np.random.default_rng(0).normal(size=(routing.EXACT_MAX_FLOAT32 + 500, 4)).astype(np.float32)
+    counts = {f"t{i:02d}": 500 for i in range(x.shape[0] // 500)}
+
+    def source(names):
+        for n in names or sorted(counts):
+            i = int(n[1:])
+            yield n, x[i * 500:(i + 1) * 500]
+
+    for fast, kind in ((False, "approximate"), (True, "exact")):
+        monkeypatch.setattr(routing, "bf16_fast", lambda fast=fast: fast)
+        r = Router(dim=4)
+        r.load(source, counts)
+        assert r.kind == kind and len(r) == x.shape[0]
