@@ -8,8 +8,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -76,7 +74,7 @@ def _load(settings: Settings) -> tuple[Bank, Engine]:
     engine = Engine(backbone, k=settings.k, cache_bytes=settings.cache_bytes, router_metric=settings.router_metric,
                     hot_after=settings.hot_after, mixed_forward=settings.mixed_forward,
                     scratch_bytes=settings.scratch_bytes, resident_bytes=settings.resident_bytes,
-                    router_exact_max=settings.router_exact_max, router_nprobe=settings.router_nprobe, warm=False)
+                    router_exact_max=settings.router_exact_max, router_nprobe=settings.router_nprobe)
     engine.sync(bank)
     if settings.pinned:
         try:
@@ -84,17 +82,6 @@ def _load(settings: Settings) -> tuple[Bank, Engine]:
         except SwitchBankError as exc:
             raise StartupError(f"SWITCHBANK_PIN={settings.pin}: {exc}") from None
     return bank, engine
-
-
-def _warm_up(engine: Engine) -> None:
-    t0 = time.perf_counter()
-    try:
-        engine.warm_up()
-    except Exception:
-        log.exception("warm-up failed; the first batch tries again")
-    else:
-        log.info("warm: mixed forward %s, %.2f s after ready", "on" if engine.mixed is not None else "off",
-                 time.perf_counter() - t0)
 
 
 async def _watch_bank(app: FastAPI) -> None:
@@ -122,9 +109,6 @@ async def lifespan(app: FastAPI):
     state.decode_slots = asyncio.Semaphore(s.decode_concurrency)
     watcher = asyncio.create_task(_watch_bank(app))
     state.ready = True
-    # the mixed tower and the kernels (about a second) load after ready; a batch that comes sooner
-    # waits for them
-    threading.Thread(target=_warm_up, args=(state.engine,), name="switchbank-warm-up", daemon=True).start()
     log.info("ready: %d switches, bank generation %d, device %s", len(state.engine.switches),
              state.engine.generation, state.engine.backbone.device)
     try:

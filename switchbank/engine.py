@@ -119,8 +119,11 @@ class Engine(SwitchSet):
 
     def warm_up(self) -> None:
         """Build the mixed tower and load the merge and decoding kernels (about a second on a
-        CPU), once. A server constructs the engine with ``warm=False`` and calls this after it
-        reports ready; the first batch waits for it if it comes sooner."""
+        CPU), once. An engine made with ``warm=False`` does this on its first batch instead.
+
+        The server warms up before it reports ready: run in a thread after ready, this held the
+        interpreter while the server answered its readiness probe, which then came only 0.2 s
+        sooner (median of six starts on 1,000 switches) while the first answer came 1.3 s later."""
         if self._warm:
             return
         with self._warm_lock:

@@ -266,11 +266,16 @@ class Router:
         # in random task order, so that the first vectors are a fair sample to train an IVF on
         order = [sorted(counts)[i] for i in np.random.default_rng(0).permutation(len(counts))]
         examples = sum(counts.values())
-        limit = self.exact_limit(examples)
-        state = (Exact(self.dim, ip, capacity=min(examples, limit + 1)), _Examples(), {}, {})
+        # the limit is at least this; it is timed (exact_limit) only for a bank that gets past it
+        floor = self.exact_limit(0)
+        cap = self._exact_max if self._exact_max is not None else EXACT_MAX
+        state = (Exact(self.dim, ip, capacity=min(examples, cap + 1)), _Examples(), {}, {})
         for task, emb in source(order):
             self._insert(state, task, self._checked(task, emb))
             n = state[0].ntotal
+            if n <= floor and n < TRAIN:
+                continue
+            limit = self.exact_limit(n)
             # past the IVF's training sample, stop early where the bank is on course for twice the
             # exact index's limit (if it was not, needs_rebuild turns the IVF back into an exact index)
             if n > limit or (n >= TRAIN and n * examples > 2 * limit * state[1].count):

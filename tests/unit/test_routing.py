@@ -186,6 +186,10 @@ def test_exact_limit_follows_the_scan_this_cpu_makes_fast(monkeypatch):
     r = Router(dim=4)
     monkeypatch.setattr(routing, "bf16_fast", probe_not_expected)
     assert r.exact_limit(routing.EXACT_MAX_FLOAT32) == routing.EXACT_MAX_FLOAT32
+    # a bank of many examples but few distinct vectors (switches sharing their example images)
+    shared = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
+    r.load(lambda names: ((n, shared) for n in names or []), {f"s{i}": 50 for i in range(1000)})
+    assert r.kind == "exact" and len(r) == 50_000
     for fast, limit in ((True, routing.EXACT_MAX), (False, routing.EXACT_MAX_FLOAT32)):
         monkeypatch.setattr(routing, "bf16_fast", lambda fast=fast: fast)
         assert r.exact_limit(routing.EXACT_MAX_FLOAT32 + 1) == limit
