@@ -21,15 +21,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     cpu = platform.processor() or platform.machine()
-    flags: set[str] = set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        info = []
+    field = {}
+    for line in info:  # the first core's lines
+        key, _, value = line.partition(":")
+        field.setdefault(key.strip(), value.strip())
+    cpu = field.get("model name", cpu)
+    flags = set(field.get("flags", "").split())
     return {"host": platform.node(), "cpu": cpu, "isa": _isa(flags), "cores": os.cpu_count(), "gpu": gpu,
             "device": "cuda" if gpu else "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version()}

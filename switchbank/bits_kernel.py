@@ -1,6 +1,6 @@
 """The numba kernels that decode a switch's bits (packing.py). Imported on first use rather than
-with the library: numba's import takes about half a second, which a server spends after it reports
-ready rather than before."""
+with the library: numba's import takes about half a second, which programs that never decode a
+switch's bits (listing a bank, a client) need not spend."""
 
 from __future__ import annotations
 

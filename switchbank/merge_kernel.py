@@ -1,6 +1,6 @@
 """The fused merge kernel (fused.py), compiled by numba. Imported on first use rather than with
-the library: numba's import and the kernel's loading from its cache take about a second, which a
-server spends after it reports ready rather than before."""
+the library: numba's import and the kernel's loading from its cache take about a second, which
+programs that never merge (the bank tools, a client) need not spend."""
 
 from __future__ import annotations
 

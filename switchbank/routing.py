@@ -10,12 +10,12 @@ Query embeddings come from the pretrained encoder, so switches built from the sa
 distinct vector once and keeps the list of examples (task, position) it stands for; a neighbour
 search over distinct vectors, expanded into examples, is exactly the search over all examples.
 
-The index (knn.py) is exact up to ``exact_max`` distinct vectors and an IVF index with exact
+The index (knn.py) is exact up to a limit of distinct vectors and an IVF index with exact
 re-ranking above, chosen when the index is built; by default the limit follows the scan this CPU
-makes fast (EXACT_MAX with a fast bfloat16 product, EXACT_MAX_FLOAT32 without). Tasks are added and removed incrementally; when the
-index has grown or shrunk by half since it was built, or crossed ``exact_max``, ``rebuild`` builds a
-new one in the background from the caller's source of embeddings while the old one keeps answering,
-then replays the changes made meanwhile.
+makes fast (EXACT_MAX with a fast bfloat16 product, EXACT_MAX_FLOAT32 without). Tasks are added
+and removed incrementally; when the index has grown or shrunk by half since it was built, or
+crossed the limit, ``rebuild`` builds a new one in the background from the caller's source of
+embeddings while the old one keeps answering, then replays the changes made meanwhile.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ METRICS = ("l2", "cosine")
 # the IVF index takes 9-11 ms but gives the exact answer's weights on only 97% of the demo's held-out
 # images (bench.router_index); at 200,000 the exact index holds 1.5 GB (six bytes a dimension) and
 # scans in about two demo-tower forwards. Where it is not (AVX2 without AVX512-BF16), a float32 scan
-# of 100,000 vectors took 159 ms against the IVF index's 23 ms, so the exact limit stays at 20,000.
+# of 100,000 vectors took 136-159 ms against the IVF index's 20-23 ms, so the limit is 20,000.
 EXACT_MAX = 200_000
 EXACT_MAX_FLOAT32 = 20_000
 TRAIN = 20_000  # vectors an IVF index is trained on
