@@ -161,15 +161,17 @@ class Router:
     def kind(self) -> str:
         return self._index.kind
 
-    def exact_limit(self, vectors: int | None = None) -> int:
+    def exact_limit(self) -> int:
         """Distinct vectors searched exactly: the setting, or by default EXACT_MAX where a bfloat16
-        scan is fast and EXACT_MAX_FLOAT32 where not. ``vectors`` (at most this many to index)
-        skips timing the scan when both limits would hold them."""
+        scan is fast and EXACT_MAX_FLOAT32 where not (timed once per process, knn.bf16_fast)."""
         if self._exact_max is not None:
             return self._exact_max
-        if vectors is not None and vectors <= EXACT_MAX_FLOAT32:
-            return EXACT_MAX_FLOAT32
         return EXACT_MAX if bf16_fast() else EXACT_MAX_FLOAT32
+
+    def _exact_floor(self) -> int:
+        """The least the exact limit can be, known without timing anything: an index of at most
+        this many vectors is exact whatever the timing says."""
+        return self._exact_max if self._exact_max is not None else EXACT_MAX_FLOAT32
 
     def prepare(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
         """float32 rows as the index holds them (unit length for the cosine metric)."""
@@ -266,16 +268,15 @@ class Router:
         # in random task order, so that the first vectors are a fair sample to train an IVF on
         order = [sorted(counts)[i] for i in np.random.default_rng(0).permutation(len(counts))]
         examples = sum(counts.values())
-        # the limit is at least this; it is timed (exact_limit) only for a bank that gets past it
-        floor = self.exact_limit(0)
+        floor = self._exact_floor()
         cap = self._exact_max if self._exact_max is not None else EXACT_MAX
         state = (Exact(self.dim, ip, capacity=min(examples, cap + 1)), _Examples(), {}, {})
         for task, emb in source(order):
             self._insert(state, task, self._checked(task, emb))
             n = state[0].ntotal
-            if n <= floor and n < TRAIN:
+            if n <= floor and n < TRAIN:  # neither check below can fire: no need to time the scan
                 continue
-            limit = self.exact_limit(n)
+            limit = self.exact_limit()
             # past the IVF's training sample, stop early where the bank is on course for twice the
             # exact index's limit (if it was not, needs_rebuild turns the IVF back into an exact index)
             if n > limit or (n >= TRAIN and n * examples > 2 * limit * state[1].count):
@@ -298,11 +299,10 @@ class Router:
 
     def needs_rebuild(self) -> bool:
         n = self._index.ntotal
-        limit = self.exact_limit(n)
         if isinstance(self._index, Exact):
-            return n > limit
+            return n > self._exact_floor() and n > self.exact_limit()
         built = self._index.built_on
-        return n < limit // 2 or n > 2 * built or n < built // 2
+        return n < self.exact_limit() // 2 or n > 2 * built or n < built // 2
 
     def rebuild(self, source: Source, counts: dict[str, int], background: bool = True) -> bool:
         """Rebuild the index from ``source`` if it has drifted; changes made meanwhile are replayed

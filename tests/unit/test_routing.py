@@ -185,20 +185,19 @@ def test_exact_limit_follows_the_scan_this_cpu_makes_fast(monkeypatch):
 
     r = Router(dim=4)
     monkeypatch.setattr(routing, "bf16_fast", probe_not_expected)
-    assert r.exact_limit(routing.EXACT_MAX_FLOAT32) == routing.EXACT_MAX_FLOAT32
     # a bank of many examples but few distinct vectors (switches sharing their example images)
     shared = np.random.default_rng(1).normal(size=(50, 4)).astype(np.float32)
     r.load(lambda names: ((n, shared) for n in names or []), {f"s{i}": 50 for i in range(1000)})
-    assert r.kind == "exact" and len(r) == 50_000
+    assert r.kind == "exact" and len(r) == 50_000 and not r.needs_rebuild()
     for fast, limit in ((True, routing.EXACT_MAX), (False, routing.EXACT_MAX_FLOAT32)):
         monkeypatch.setattr(routing, "bf16_fast", lambda fast=fast: fast)
-        assert r.exact_limit(routing.EXACT_MAX_FLOAT32 + 1) == limit
         assert r.exact_limit() == limit
-    assert Router(dim=4, exact_max=7).exact_limit(10 ** 9) == 7  # a setting wins
+    assert Router(dim=4, exact_max=7).exact_limit() == 7  # a setting wins
     # the limit decides the index: a bank past the float32 limit gets an IVF index on a CPU
-    # without fast bfloat16 products, and stays exact where they are fast
-    x = np.random.default_rng(0).normal(size=(routing.EXACT_MAX_FLOAT32 + 500, 4)).astype(np.float32)
-    counts = {f"t{i:02d}": 500 for i in range(x.shape[0] // 500)}
+    # without fast bfloat16 products, and stays exact where they are fast, including when its
+    # distinct vectors reach exactly the float32 limit (and the IVF's training sample) on the way
+    x = np.random.default_rng(0).normal(size=(3 * routing.EXACT_MAX_FLOAT32, 4)).astype(np.float32)
+    counts = {f"t{i:03d}": 500 for i in range(x.shape[0] // 500)}
 
     def source(names):
         for n in names or sorted(counts):
@@ -209,4 +208,4 @@ def test_exact_limit_follows_the_scan_this_cpu_makes_fast(monkeypatch):
         monkeypatch.setattr(routing, "bf16_fast", lambda fast=fast: fast)
         r = Router(dim=4)
         r.load(source, counts)
-        assert r.kind == kind and len(r) == x.shape[0]
+        assert r.kind == kind and len(r) == x.shape[0] and not r.needs_rebuild()
