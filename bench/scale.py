@@ -7,7 +7,7 @@ Banks are synthesised from the six demo switches: switch i is demo switch i mod 
 its query embeddings moved by a random offset per switch (half the typical query norm), so every
 switch owns a distinct region of the router's space. For each size it measures:
 - the real server (`switchbank serve`, cosine routing as the demo serves): seconds from process
-  start to ready and to the first Auto-Switch answer (which also waits for what loads after ready),
+  start to ready and to the first Auto-Switch answer (sent at once; it also loads its switches' bits),
   resident memory once ready and after 40 Auto-Switch requests, and those requests' median latency,
   next to the same figures for the six-switch demo bank;
 - in process: the router's index, its k-NN time for a batch of 16 against the forward of that batch,
@@ -124,8 +124,7 @@ def served(bank: Path, requests: int = 40) -> dict:
                 r = c.post("/v1/predict", files={"image": ("i.png", png_task[1])})
                 lat.append(time.perf_counter() - t1)
                 r.raise_for_status()
-                if len(lat) == 1:
-                    # the first request also waits for what loads after ready (the mixed tower, the kernels)
+                if len(lat) == 1:  # what a first user waits for: ready, then a request on cold switches
                     first = time.perf_counter() - t0
         return {"ready_s": ready, "first_answer_s": first, "rss_ready_mb": rss_ready / 2**20,
                 "rss_after_mb": p.memory_info().rss / 2**20,
