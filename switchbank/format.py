@@ -259,9 +259,29 @@ def read_light(path: str | Path) -> Switch:
     return sw
 
 
-def read_queries(sw: Switch) -> torch.Tensor:
+class Recent:
+    """The last few query blocks read, so that switches built from the same examples (one example
+    set shared by many fine-tunes) get one tensor: converted and checked once, and recognised by
+    the router as the same object. Keyed by a prefix of the bytes, confirmed on all of them."""
+
+    def __init__(self, size: int = 32):
+        self.size, self.blocks = size, {}
+
+    def get(self, raw: bytes, dtype, shape):
+        key = (dtype, shape, hash(raw[:4096]))
+        hit = self.blocks.get(key)
+        return key, (hit[1] if hit is not None and hit[0] == raw else None)
+
+    def put(self, key, raw: bytes, q: torch.Tensor) -> None:
+        if len(self.blocks) >= self.size:
+            self.blocks.pop(next(iter(self.blocks)))
+        self.blocks[key] = (raw, q)
+
+
+def read_queries(sw: Switch, recent: Recent | None = None) -> torch.Tensor:
     """The query embeddings (float32) of a switch read with :func:`read_light`, straight from the
-    byte range its header gave, and checked to be finite."""
+    byte range its header gave, and checked to be finite. With ``recent``, a block of the same
+    bytes as one read lately is that block's tensor, which callers must not change."""
     if sw.queries is not None:
         return sw.queries
     if sw.source is None or sw.queries_at is None:
@@ -275,7 +295,12 @@ def read_queries(sw: Switch) -> torch.Tensor:
         raise CorruptSwitch(f"{sw.source}: cannot read ({exc.strerror})") from None
     if len(raw) != size:
         raise CorruptSwitch(f"{sw.source}: file is shorter than its header says (truncated?)")
-    return _finite("queries", torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).float())
+    key, q = recent.get(raw, dtype, shape) if recent is not None else (None, None)
+    if q is None:
+        q = _finite("queries", torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).float())
+        if recent is not None:
+            recent.put(key, raw, q)
+    return q
 
 
 def load_bits(sw: Switch) -> None:

@@ -10,6 +10,8 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from itertools import chain
+from operator import add, le
 from typing import Any
 
 import torch
@@ -88,21 +90,10 @@ def check_meta(meta: dict[str, Any]) -> None:
     rows = meta.get("tensors")
     if not isinstance(rows, list):
         raise CorruptSwitch("metadata field 'tensors' must be a list")
-    names = set()
-    for i, row in enumerate(rows):
-        # the common cases checked with plain type tests (a bank reads thousands of these rows at
-        # start-up); any doubt goes to the explaining checks
-        if type(row) is list and 3 <= len(row) <= 5:
-            name, shape, kept = row[0], row[1], row[2]
-            if (type(name) is str and 0 < len(name) <= 1024 and name not in names and type(shape) is list
-                    and 0 < len(shape) <= 8 and type(kept) is int and kept >= 0
-                    and all(type(d) is int for d in shape) and min(shape) >= 0
-                    and kept <= math.prod(shape) <= MAX_NUMEL
-                    and (len(row) == 3 or (len(row) == 5 and type(row[3]) is int and type(row[4]) is int
-                                           and 0 <= row[3] < 32 and 0 <= row[4] <= math.prod(shape) + kept))):
-                names.add(name)
-                continue
-        _check_row(i, row, names)
+    if not _rows_ok(rows):
+        names = set()
+        for i, row in enumerate(rows):
+            _check_row(i, row, names)
     classes = meta.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) and len(c) <= MAX_TEXT
                                                                           for c in classes)):
@@ -112,6 +103,40 @@ def check_meta(meta: dict[str, Any]) -> None:
     buffers = meta.get("buffers_differing")
     if buffers is not None and (not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers)):
         raise CorruptSwitch("metadata field 'buffers_differing' must be a list of strings")
+
+
+def _rows_ok(rows: list) -> bool:
+    """Whether every tensor row is well formed, by the same rules as :func:`_check_row`, checked a
+    column at a time in C-level passes (a bank reads thousands of switches of hundreds of rows at
+    start-up). False for any doubt; the row-by-row checks then name the first bad row."""
+    if not rows:
+        return True
+    if set(map(type, rows)) != {list}:
+        return False
+    widths = set(map(len, rows))
+    if not widths <= {3, 5}:
+        return False
+    names, shapes, kept = list(zip(*rows))[:3]  # zip stops at the shortest row
+    if (set(map(type, names)) != {str} or len(set(names)) != len(names)
+            or min(map(len, names)) < 1 or max(map(len, names)) > 1024):
+        return False
+    if set(map(type, shapes)) != {list} or min(map(len, shapes)) < 1 or max(map(len, shapes)) > 8:
+        return False
+    dims = list(chain.from_iterable(shapes))
+    if set(map(type, dims)) != {int} or min(dims) < 0:
+        return False
+    if set(map(type, kept)) != {int} or min(kept) < 0:
+        return False
+    numel = list(map(math.prod, shapes))
+    if max(numel) > MAX_NUMEL or not all(map(le, kept, numel)):
+        return False
+    if 5 in widths:  # the Rice-coded rows' parameters
+        _, shapes, kept, k, unary = zip(*(row for row in rows if len(row) == 5))
+        if set(map(type, k)) != {int} or set(map(type, unary)) != {int} or min(k) < 0 or max(k) >= 32:
+            return False
+        if min(unary) < 0 or not all(map(le, unary, map(add, map(math.prod, shapes), kept))):
+            return False
+    return True
 
 
 def _check_row(i: int, row, names: set) -> None:

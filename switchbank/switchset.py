@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from .bank import Bank
 from .errors import Incompatible, NotFound
-from .format import read_queries
+from .format import Recent, read_queries
 from .types import Switch
 
 log = logging.getLogger("switchbank.engine")
@@ -91,10 +91,10 @@ class SwitchSet:
         self.hot.forget(stale)
 
     @staticmethod
-    def _queries_of(sw: Switch):
+    def _queries_of(sw: Switch, recent: Recent | None = None):
         if sw.queries is not None:
             return sw.queries
-        return read_queries(sw) if sw.source is not None and sw.query_count else None
+        return read_queries(sw, recent) if sw.source is not None and sw.query_count else None
 
     @staticmethod
     def _drop_queries(sw: Switch) -> None:
@@ -156,13 +156,13 @@ class SwitchSet:
                 for n, sw in self.switches.items() if sw.query_count or sw.queries is not None}
 
     def _query_source(self, names: list[str] | None):
-        switches = self.switches
+        switches, recent = self.switches, Recent()
         for name in (sorted(switches) if names is None else names):
             sw = switches.get(name)
             if sw is None:
                 continue
             try:
-                q = self._queries_of(sw)
+                q = self._queries_of(sw, recent)
             except Exception:
                 log.exception("query embeddings of switch %s cannot be read; it is left out of routing", name)
                 continue

@@ -87,3 +87,51 @@ def test_foreign_files_are_rejected():
 def test_read_meta_does_not_decode_tensors(switch):
     meta = read_meta(to_bytes(switch))
     assert meta["name"] == "alpha-task" and meta["classes"] == switch.head.classes
+
+
+def test_tensor_rows_checked_by_column_agree_with_the_row_by_row_checks():
+    """layout._rows_ok (the fast path for big banks) accepts exactly the rows the row-by-row checks
+    accept: any row they reject makes it answer False."""
+    from switchbank.layout import MAX_NUMEL, _check_row, _rows_ok
+
+    def row_by_row(rows) -> bool:
+        names = set()
+        try:
+            for i, row in enumerate(rows):
+                _check_row(i, row, names)
+        except CorruptSwitch:
+            return False
+        return True
+
+    good = [["a.weight", [4, 3], 5], ["a.bias", [4], 2, 1, 5], ["b.weight", [2, 2, 1, 1], 4], ["c", [7], 7, 0, 7]]
+    assert _rows_ok(good) and row_by_row(good)
+    assert _rows_ok([]) and _rows_ok([r for r in good if len(r) == 3]) and _rows_ok([r for r in good if len(r) == 5])
+    bad = {
+        "row not a list": (0, ("a.weight", [4, 3], 5)),
+        "row of four": (0, ["a.weight", [4, 3], 5, 1]),
+        "row of six": (1, ["a.bias", [4], 2, 1, 5, 0]),
+        "name not text": (0, [7, [4, 3], 5]),
+        "empty name": (0, ["", [4, 3], 5]),
+        "long name": (0, ["x" * 1025, [4, 3], 5]),
+        "repeated name": (2, ["a.weight", [2, 2, 1, 1], 4]),
+        "shape not a list": (0, ["a.weight", (4, 3), 5]),
+        "empty shape": (0, ["a.weight", [], 0]),
+        "nine dimensions": (0, ["a.weight", [1] * 9, 0]),
+        "negative dimension": (0, ["a.weight", [-4, 3], 0]),
+        "dimension as bool": (0, ["a.weight", [True, 3], 1]),
+        "dimension as float": (0, ["a.weight", [4.0, 3], 5]),
+        "too many elements": (0, ["a.weight", [MAX_NUMEL, 2], 5]),
+        "kept beyond numel": (0, ["a.weight", [4, 3], 13]),
+        "negative kept": (0, ["a.weight", [4, 3], -1]),
+        "kept as bool": (0, ["a.weight", [4, 3], True]),
+        "Rice k of 32": (1, ["a.bias", [4], 2, 32, 5]),
+        "negative Rice k": (1, ["a.bias", [4], 2, -1, 5]),
+        "Rice k as float": (1, ["a.bias", [4], 2, 1.0, 5]),
+        "unary bits beyond numel and kept": (3, ["c", [7], 7, 0, 15]),
+        "negative unary bits": (3, ["c", [7], 7, 0, -1]),
+    }
+    for what, (i, row) in bad.items():
+        rows = [list(r) for r in good]
+        rows[i] = row
+        assert not row_by_row(rows), what
+        assert not _rows_ok(rows), what

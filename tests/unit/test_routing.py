@@ -2,6 +2,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
 from switchbank.errors import Incompatible
 from switchbank.routing import Router
@@ -141,6 +142,50 @@ def test_shared_query_vectors_route_as_every_example_would(exact_max):
     assert r.counts(queries) == naive_counts({t: tasks[t] for t in order}, queries, 7)
     r.remove(order[0])
     assert r.counts(queries) == naive_counts({t: tasks[t] for t in order[1:]}, queries, 7)
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 30])
+def test_one_object_for_many_tasks_is_checked_once_and_routes_as_copies_would(exact_max, monkeypatch):
+    """A source may yield one array for every task built from the same examples (SwitchSet does):
+    it is checked once per build, and routing equals that over separate copies."""
+    g = np.random.default_rng(6)
+    blocks = [g.normal(size=(9, 5)).astype(np.float32) + 4 * i for i in range(3)]
+    own = g.normal(size=(9, 5)).astype(np.float32)
+    tasks = {f"t{i:02d}": blocks[i % 3] for i in range(40)} | {"own": own}
+    copies = {t: x.copy() for t, x in tasks.items()}
+    checked = []
+    real = Router._checked
+    monkeypatch.setattr(Router, "_checked", lambda self, task, x: checked.append(task) or real(self, task, x))
+    shared, separate = (Router(dim=5, k=6, exact_max=exact_max, nprobe=64) for _ in range(2))
+    calls = []
+    for r, src in ((shared, tasks), (separate, copies)):
+        checked.clear()
+        r.load(lambda names, src=src: ((t, src[t]) for t in (names if names is not None else sorted(src))),
+               {t: 9 for t in src})
+        assert len(r) == 41 * 9 and r.stats()["distinct_vectors"] == 4 * 9
+        calls.append(len(checked))
+    assert shared.kind == ("exact" if exact_max > 100 else "approximate")
+    assert calls[0] <= 2 * 4 and calls[1] >= 41  # at most once per object and pass; copies every time
+    queries = np.concatenate([*blocks, own, g.normal(size=(12, 5)).astype(np.float32) * 4])
+    assert shared.counts(queries) == separate.counts(queries)
+    assert shared.counts(queries) == naive_counts({t: tasks[t] for t in shared._tid}, queries, 6)
+
+
+def test_recent_query_blocks_are_shared_only_when_every_byte_is_equal():
+    from switchbank.format import Recent
+    recent = Recent(size=2)
+    a = bytes(8192)
+    b = bytes(4096) + b"\x01" + bytes(4095)  # the same prefix, a different block
+    key, hit = recent.get(a, torch.float16, (4, 1024))
+    assert hit is None
+    t = torch.zeros(4, 1024)
+    recent.put(key, a, t)
+    assert recent.get(bytes(a), torch.float16, (4, 1024))[1] is t
+    assert recent.get(b, torch.float16, (4, 1024))[1] is None
+    assert recent.get(a, torch.float16, (8, 512))[1] is None  # another shape
+    for i in range(2):
+        recent.put(("other", i), b, t)
+    assert recent.get(a, torch.float16, (4, 1024))[1] is None and len(recent.blocks) == 2  # bounded
 
 
 def test_identical_blocks_removed_and_added_again_route_as_every_example_would():
