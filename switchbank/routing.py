@@ -24,6 +24,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from fractions import Fraction
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +45,14 @@ EXACT_MAX_FLOAT32 = 20_000
 TRAIN = 20_000  # vectors an IVF index is trained on
 # source(tasks) yields (task, embeddings) for the given tasks, or for every task when tasks is None
 Source = Callable[[list[str] | None], Iterable[tuple[str, np.ndarray]]]
+
+
+class Rows(NamedTuple):
+    """A task's examples as the index holds them, and (cosine metric) each one's norm before it was
+    scaled to unit length, from which the IVF index keeps them exactly as a float16 file gave them."""
+
+    x: np.ndarray
+    norms: np.ndarray | None
 
 
 class _Examples:
@@ -140,27 +149,26 @@ class _Batched:
 
     def __init__(self, index: IVF, size: int = 8192):
         self.index, self.size = index, size
-        self.ids: list[np.ndarray] = []
-        self.rows: list[np.ndarray] = []
+        self.parts: list[tuple] = []
         self.held = 0
 
-    def add(self, ids: np.ndarray, x: np.ndarray) -> None:
-        self.ids.append(ids)
-        self.rows.append(x)
+    def add(self, ids: np.ndarray, x: np.ndarray, norms: np.ndarray | None = None) -> None:
+        self.parts.append((ids, x, norms))
         self.held += len(ids)
         if self.held >= self.size:
             self.flush()
 
     def flush(self) -> None:
         if self.held:
-            self.index.add(np.concatenate(self.ids), np.concatenate(self.rows))
-        self.ids, self.rows, self.held = [], [], 0
+            ids, x, norms = zip(*self.parts)
+            self.index.add(np.concatenate(ids), np.concatenate(x), None if norms[0] is None else np.concatenate(norms))
+        self.parts, self.held = [], 0
 
 
 class Router:
     """k-NN routing over task query embeddings; tasks come and go without a rebuild."""
 
-    def __init__(self, dim: int, k: int = 10, metric: str = "l2", *, exact_max: int | None = None, nprobe: int = 32):
+    def __init__(self, dim: int, k: int = 10, metric: str = "l2", *, exact_max: int | None = None, nprobe: int = 16):
         if k < 1:
             raise InvalidInput(f"K must be at least 1, got {k}")
         if metric not in METRICS:
@@ -173,7 +181,7 @@ class Router:
         self._tid: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._lock = threading.Lock()
-        self._journal: list[tuple[str, str, np.ndarray | None]] | None = None  # changes during a rebuild
+        self._journal: list[tuple[str, str, Rows | None]] | None = None  # changes during a rebuild
         self._rebuilding: threading.Thread | None = None
         self.rebuilds = 0
 
@@ -205,27 +213,33 @@ class Router:
 
     def prepare(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
         """float32 rows as the index holds them (unit length for the cosine metric)."""
+        return self._rows(embeddings).x
+
+    def _rows(self, embeddings) -> Rows:
         if isinstance(embeddings, torch.Tensor):
             embeddings = embeddings.detach().to("cpu", torch.float32).numpy()
         x = np.array(embeddings, dtype=np.float32, copy=True, order="C")
         if self.metric == "cosine" and x.ndim == 2 and x.shape[0]:
-            x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        return x
+            norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            x /= norms
+            return Rows(x, norms[:, 0])
+        return Rows(x, None)
 
-    def _checked(self, task: str, embeddings) -> np.ndarray:
-        x = self.prepare(embeddings)
+    def _checked(self, task: str, embeddings) -> Rows:
+        rows = self._rows(embeddings)
+        x = rows.x
         if x.ndim != 2 or x.shape[1] != self.dim or x.shape[0] == 0:
             raise Incompatible(f"task {task!r}: query embeddings of shape {x.shape} do not fit a {self.dim}-d router")
         if not np.isfinite(x).all():
             raise InvalidInput(f"task {task!r}: query embeddings contain NaN or infinity")
-        return x
+        return rows
 
     @staticmethod
-    def _insert(state, task: str, x: np.ndarray, block: tuple | None = None) -> None:
+    def _insert(state, task: str, rows: Rows, block: tuple | None = None) -> None:
         index, ex, tids, names = state
-        tid, new, rows = ex.add(x, block)
+        tid, new, at = ex.add(rows.x, block)
         if new.size:
-            index.add(new, x[rows])
+            index.add(new, rows.x[at], None if rows.norms is None else rows.norms[at])
         tids[task], names[tid] = tid, task
 
     @staticmethod
@@ -243,12 +257,12 @@ class Router:
 
     def add(self, task: str, embeddings: torch.Tensor | np.ndarray) -> None:
         """Add (or replace) a task's query embeddings."""
-        x = self._checked(task, embeddings)
+        rows = self._checked(task, embeddings)
         with self._lock:
             self._delete(self._state(), task)
-            self._insert(self._state(), task, x)
+            self._insert(self._state(), task, rows)
             if self._journal is not None:
-                self._journal.append(("add", task, x))
+                self._journal.append(("add", task, rows))
 
     def remove(self, task: str) -> bool:
         with self._lock:
@@ -302,8 +316,8 @@ class Router:
         floor = self._exact_floor()
         cap = self._exact_max if self._exact_max is not None else EXACT_MAX
         state = (Exact(self.dim, ip, capacity=min(examples, cap + 1)), _Examples(), {}, {})
-        for task, x, block in self._prepared(source(order)):
-            self._insert(state, task, x, block)
+        for task, rows, block in self._prepared(source(order)):
+            self._insert(state, task, rows, block)
             n = state[0].ntotal
             if n <= floor and n < TRAIN:  # neither check below can fire: no need to time the scan
                 continue
@@ -322,8 +336,8 @@ class Router:
         nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
         ivf = IVF(self.dim, ip, nlist, self.nprobe, train, capacity=distinct + distinct // 8)
         state = (_Batched(ivf), _Examples(), {}, {})
-        for task, x, block in self._prepared(source(order)):
-            self._insert(state, task, x, block)
+        for task, rows, block in self._prepared(source(order)):
+            self._insert(state, task, rows, block)
         state[0].flush()
         state = (ivf, *state[1:])
         ivf.built_on = ivf.ntotal
@@ -336,14 +350,14 @@ class Router:
         that yields one object for tasks sharing their examples (SwitchSet does, for the same
         bytes read in a row) has it checked, normalised and keyed once: reading a bank of 10,000
         switches built from six example sets spent 6 s doing that again for every switch."""
-        recent: dict[int, tuple] = {}  # id(embeddings) -> (embeddings, rows, block); holding it keeps the id
+        recent: dict[int, tuple] = {}  # id(embeddings) -> (embeddings, Rows, block); holding it keeps the id
         for task, emb in pairs:
             hit = recent.get(id(emb))
             if hit is None or hit[0] is not emb:
-                x = self._checked(task, emb)
+                rows = self._checked(task, emb)
                 if len(recent) >= size:
                     recent.pop(next(iter(recent)))
-                hit = recent[id(emb)] = (emb, x, _Examples.block(x))
+                hit = recent[id(emb)] = (emb, rows, _Examples.block(rows.x))
             yield task, hit[1], hit[2]
 
     def needs_rebuild(self) -> bool:
@@ -365,10 +379,10 @@ class Router:
             try:
                 state = self._build(source, counts)
                 with self._lock:
-                    for op, task, x in self._journal or ():
+                    for op, task, rows in self._journal or ():
                         self._delete(state, task)
                         if op == "add":
-                            self._insert(state, task, x)
+                            self._insert(state, task, rows)
                     self._index, self._ex, self._tid, self._names = state
                     self.rebuilds += 1
             except Exception:

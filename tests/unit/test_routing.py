@@ -171,6 +171,23 @@ def test_one_object_for_many_tasks_is_checked_once_and_routes_as_copies_would(ex
     assert shared.counts(queries) == naive_counts({t: tasks[t] for t in shared._tid}, queries, 6)
 
 
+def test_ivf_ranks_float16_query_embeddings_as_exact_search_does():
+    """Switch files store query embeddings as float16; the IVF index ranks its candidates on them
+    at their own scale, so near ties come out as a float32 scan of the unit rows orders them."""
+    g = np.random.default_rng(11)
+    base = g.normal(size=16)
+    x = (40 * base + 0.5 * g.normal(size=(60, 16))).astype(np.float16).astype(np.float32)  # near ties
+    tasks = {f"t{i:02d}": x[i:i + 1] for i in range(60)}
+    exact = Router(dim=16, k=5, metric="cosine", exact_max=10_000)
+    ivf = Router(dim=16, k=5, metric="cosine", exact_max=30, nprobe=64)  # every list: only the ranking differs
+    for r in (exact, ivf):
+        r.load(lambda names: ((t, tasks[t]) for t in (names if names is not None else sorted(tasks))),
+               {t: 1 for t in tasks})
+    assert (exact.kind, ivf.kind) == ("exact", "approximate") and list(exact._tid) == list(ivf._tid)
+    queries = (base + 0.003 * g.normal(size=(200, 16))).astype(np.float32)
+    assert ivf.counts(queries) == exact.counts(queries)
+
+
 def test_recent_query_blocks_are_shared_only_when_every_byte_is_equal():
     from switchbank.format import Recent
     recent = Recent(size=2)
