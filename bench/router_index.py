@@ -1,7 +1,7 @@
 """Router indexes on a distinct bank: exact search (float32, and the router's bfloat16 scan checked in
 float32), the IVF index the router uses above ``exact_max``, and a graph index.
 
-    python -m bench.router_index [--switches 1000] [--ef 64,128,256,512]
+    python -m bench.router_index [--switches 1000] [--nprobe 8,16,32] [--ef 64,128,256,512]
 
 The bank's query vectors are made as `bench.scale` makes its distinct banks (switch i holds demo
 switch i mod 6's query embeddings moved by a random offset of half their typical norm; the first six
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--switches", type=int, default=1000)
     ap.add_argument("--ef", default="64,128,256,512")
+    ap.add_argument("--nprobe", default="8,16,32", help="lists the IVF index scans per query")
     args = ap.parse_args(argv)
     from bench.traffic import demo_images
     from switchbank.backbone import DEMO_ARCH, load_backbone
@@ -104,7 +105,10 @@ def main(argv=None) -> int:
     record(f"the router's default: {stats['kind']}" + (f", {stats['scan']} scan" if "scan" in stats else ""),
            build, served.counts, agreement(served.counts(emb)))
     ivf, build = built(exact_max=20_000)
-    record(f"IVF-SQ8 (exact_max 20,000), nprobe {ivf.nprobe}", build, ivf.counts, agreement(ivf.counts(emb)))
+    for p in [int(p) for p in args.nprobe.split(",") if p]:
+        ivf._index.index.nprobe = p
+        record(f"IVF-SQ8 (exact_max 20,000, {ivf._index.nlist} lists), nprobe {p}"
+               + (" (the default)" if p == ivf.nprobe else ""), build, ivf.counts, agreement(ivf.counts(emb)))
     del ivf
 
     owner = [n for n in queries for _ in range(counts[n])]
