@@ -18,6 +18,7 @@ import json
 import math
 import struct
 from collections.abc import Callable
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -148,14 +149,23 @@ def _finite(key: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _entries(rows: list, scales: list[float]) -> list[TensorEntry]:
+    """The tensor entries of checked index rows, a column at a time: a bank of thousands of switches
+    makes hundreds each at start-up (twice as fast as a loop over rows)."""
+    if not rows:
+        return []
+    names, shapes, kept = list(zip(*rows))[:3]
+    shapes = list(map(tuple, shapes))
+    nbytes = (np.fromiter(map(math.prod, shapes), np.int64, len(shapes)) + 7) // 8
+    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).tolist()
+    # tuple.__new__ builds each named tuple in C, as TensorEntry(...) would through a Python-level __new__
+    return list(map(tuple.__new__, repeat(TensorEntry), zip(names, shapes, kept, scales, offsets)))
+
+
 def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
     """A switch with everything but its bits: index, scales, head, queries, 0-dim deltas."""
     scale = _finite("scale", tensors["scale"])
-    entries, offset = [], 0
-    for row, lam in zip(meta["tensors"], scale.tolist()):
-        shape = tuple(row[1])
-        entries.append(TensorEntry(row[0], shape, row[2], lam, offset))
-        offset += (math.prod(shape) + 7) // 8  # packed_len, inlined: thousands of switches x hundreds of rows
+    entries = _entries(meta["tensors"], scale.tolist())
     head = None
     if "head.weight" in tensors:
         bias = tensors.get("head.bias")

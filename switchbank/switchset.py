@@ -26,6 +26,7 @@ class SwitchSet:
         self._sync_lock = threading.Lock()  # the bank watcher and admin calls may sync at once
         self.generation = -1
         self.bank: Bank | None = None  # the bank last synced with, followed again when a file changes
+        self._fitted: set[tuple] = set()  # tensor layouts (name, shape pairs) known to fit the backbone
 
     @property
     def switches(self) -> dict[str, Switch]:
@@ -50,12 +51,19 @@ class SwitchSet:
         if fingerprint != b.fingerprint:
             raise Incompatible(f"switch {name!r} was built for backbone {fingerprint[:19]}..., "
                                f"this server runs {b.fingerprint[:19]}... ({b.arch})")
-        for tensor, shape in shapes.items():
-            t = b.params.get(tensor)
-            if t is None:
-                raise Incompatible(f"switch {name!r} has tensor {tensor!r}, which the backbone lacks")
-            if tuple(t.shape) != tuple(shape):
-                raise Incompatible(f"switch {name!r} tensor {tensor!r} has shape {tuple(shape)}, backbone {tuple(t.shape)}")
+        layout = tuple(shapes.items())
+        # fine-tunes of one backbone share their layout: a bank of thousands checks it once
+        if layout not in self._fitted:
+            for tensor, shape in shapes.items():
+                t = b.params.get(tensor)
+                if t is None:
+                    raise Incompatible(f"switch {name!r} has tensor {tensor!r}, which the backbone lacks")
+                if tuple(t.shape) != tuple(shape):
+                    raise Incompatible(f"switch {name!r} tensor {tensor!r} has shape {tuple(shape)}, "
+                                       f"backbone {tuple(t.shape)}")
+            if len(self._fitted) >= 16:  # uploads of ever new layouts keep it bounded
+                self._fitted.clear()
+            self._fitted.add(layout)
         for tensor in dense:
             if tensor not in b.params or b.params[tensor].dim() != 0:
                 raise Incompatible(f"switch {name!r} has 0-dim tensor {tensor!r}, which the backbone lacks")
