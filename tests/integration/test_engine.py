@@ -104,6 +104,20 @@ def test_errors(engine, backbone, tower):
         engine.add(foreign)
 
 
+def test_a_layout_checked_once_still_rejects_any_other(engine, backbone, tower):
+    """The backbone check runs once per tensor layout; a switch that differs from a checked one in
+    a single shape or name is still checked, and rejected."""
+    good = make_switch(tower, "layout-good", seed=2, dim=backbone.embed_dim)
+    engine.validate(good)
+    engine.validate(good)  # the checked layout again
+    e = good.entries[0]
+    for wrong in (e._replace(shape=(1,) + e.shape), e._replace(name=e.name + ".x")):
+        bad = make_switch(tower, "layout-bad", seed=2, dim=backbone.embed_dim)
+        bad.entries = [wrong] + bad.entries[1:]
+        with pytest.raises(Incompatible, match="layout-bad"):
+            engine.validate(bad)
+
+
 def test_replica_runs_merged_weights_and_shares_the_rest(engine, backbone):
     import gc
     import weakref
