@@ -72,6 +72,11 @@ def test_cosine_metric_ranks_by_angle():
         Router(dim=2, metric="manhattan")
 
 
+def source_of(data: dict):
+    """A router's source over ``data`` (task -> embeddings): the tasks asked for, or all of them."""
+    return lambda names: ((t, data[t]) for t in (names if names is not None else sorted(data)))
+
+
 def clusters(n_tasks, per_task, dim, seed):
     g = np.random.default_rng(seed)
     centres = g.normal(size=(n_tasks, dim)).astype(np.float32)
@@ -85,7 +90,7 @@ def test_approximate_index_agrees_with_exact_search(metric):
     exact = Router(dim=16, k=10, metric=metric)
     approx = Router(dim=16, k=10, metric=metric, exact_max=200, nprobe=8)
     for r in (exact, approx):
-        r.load(lambda names: ((t, data[t]) for t in (names if names is not None else sorted(data))), counts)
+        r.load(source_of(data), counts)
     assert exact.kind == "exact" and approx.kind == "approximate" and len(approx) == 1200
     queries = np.repeat(centres, 5, axis=0) + 0.3 * np.random.default_rng(1).normal(size=(300, 16)).astype(np.float32)
     agree = np.mean([a == b for a, b in zip(exact.counts(queries), approx.counts(queries))])
@@ -95,7 +100,7 @@ def test_approximate_index_agrees_with_exact_search(metric):
 def test_approximate_index_changes_incrementally_and_rebuilds_in_the_background():
     data, _ = clusters(30, 20, 8, seed=2)
     r = Router(dim=8, k=5, exact_max=100, nprobe=4)
-    source = lambda names: ((t, data[t]) for t in (names if names is not None else sorted(data)))  # noqa: E731
+    source = source_of(data)
     r.load(source, {t: 20 for t in data})
     assert r.kind == "approximate" and not r.needs_rebuild()
     r.remove("t0")
@@ -134,7 +139,7 @@ def test_shared_query_vectors_route_as_every_example_would(exact_max):
         own = g.normal(size=(3, 6)).astype(np.float32) + 3 * (i % 4)
         tasks[f"copy{i:02d}"] = np.concatenate([shared[g.permutation(12)[:8]], own])
     r = Router(dim=6, k=7, exact_max=exact_max, nprobe=64)
-    r.load(lambda names: ((t, tasks[t]) for t in (names if names is not None else sorted(tasks))), {t: 11 for t in tasks})
+    r.load(source_of(tasks), {t: 11 for t in tasks})
     assert len(r) == 220 and r.stats()["distinct_vectors"] == 12 + 60
     # the router adds in a shuffled order: compare with the naive search in that same order
     order = list(r._tid)
@@ -160,8 +165,7 @@ def test_one_object_for_many_tasks_is_checked_once_and_routes_as_copies_would(ex
     calls = []
     for r, src in ((shared, tasks), (separate, copies)):
         checked.clear()
-        r.load(lambda names, src=src: ((t, src[t]) for t in (names if names is not None else sorted(src))),
-               {t: 9 for t in src})
+        r.load(source_of(src), {t: 9 for t in src})
         assert len(r) == 41 * 9 and r.stats()["distinct_vectors"] == 4 * 9
         calls.append(len(checked))
     assert shared.kind == ("exact" if exact_max > 100 else "approximate")
@@ -181,8 +185,7 @@ def test_ivf_ranks_float16_query_embeddings_as_exact_search_does():
     exact = Router(dim=16, k=5, metric="cosine", exact_max=10_000)
     ivf = Router(dim=16, k=5, metric="cosine", exact_max=30, nprobe=64)  # every list: only the ranking differs
     for r in (exact, ivf):
-        r.load(lambda names: ((t, tasks[t]) for t in (names if names is not None else sorted(tasks))),
-               {t: 1 for t in tasks})
+        r.load(source_of(tasks), {t: 1 for t in tasks})
     assert (exact.kind, ivf.kind) == ("exact", "approximate") and list(exact._tid) == list(ivf._tid)
     queries = (base + 0.003 * g.normal(size=(200, 16))).astype(np.float32)
     assert ivf.counts(queries) == exact.counts(queries)
