@@ -55,6 +55,13 @@ class Rows(NamedTuple):
     norms: np.ndarray | None
 
 
+class Keyed(NamedTuple):
+    """The keys of a task's examples: the whole block's, and each row's."""
+
+    block: tuple
+    rows: list[int]
+
+
 class _Examples:
     """Query examples and the distinct vectors they share."""
 
@@ -73,43 +80,55 @@ class _Examples:
         self.count = 0
 
     @staticmethod
-    def block(x: np.ndarray) -> tuple:
-        """The key of a task's whole block of examples."""
-        return x.shape, x.dtype.str, hash(x.tobytes())
+    def block(x: np.ndarray) -> Keyed:
+        """The keys of a task's examples, row by row and as a whole block (the row keys hashed
+        together: hashing the block's bytes as well took as long again)."""
+        rows = [hash(r.tobytes()) for r in x]
+        return Keyed((x.shape, x.dtype.str, hash(tuple(rows))), rows)
 
-    def add(self, x: np.ndarray, block: tuple | None = None) -> tuple[int, np.ndarray, np.ndarray]:
-        """Record a task's examples (``block``: their key, if known); returns (its task id, new
+    def add(self, x: np.ndarray, keyed: Keyed | None = None) -> tuple[int, np.ndarray, np.ndarray]:
+        """Record a task's examples (``keyed``: their keys, if known); returns (its task id, new
         uids, their rows in x to index)."""
         tid = self.next_tid
         self.next_tid += 1
-        block = self.block(x) if block is None else block
+        block, keys = self.block(x) if keyed is None else keyed
         self.block_of[tid] = block
         known = self.blocks.get(block)
+        first, n = self.next_pos, len(keys)
+        self.next_pos += n
+        self.count += n
         if known is not None and all(u in self.owners for u in known):
-            # the same examples as another task (switches built from one example set): no row to hash
-            for uid in known:
-                self.owners[uid].append((self.next_pos, tid))
-                self.next_pos += 1
+            # the same examples as another task (switches built from one example set): no row to look up
+            for pos, uid in enumerate(known, first):
+                self.owners[uid].append((pos, tid))
             self.rows[tid] = list(known)
-            self.count += len(known)
             return tid, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        uid_of = self.uid_of
+        if len(set(keys)) == n and not any(map(uid_of.__contains__, keys)):
+            # every row new and distinct (a switch with examples of its own): no per-row branching
+            uids = list(range(self.next_uid, self.next_uid + n))
+            self.next_uid += n
+            uid_of.update(zip(keys, uids))
+            self.key_of.update(zip(uids, keys))
+            self.owners.update(zip(uids, ([(pos, tid)] for pos in range(first, first + n))))
+            self.rows[tid] = uids
+            self.blocks[block] = uids
+            at = np.arange(n, dtype=np.int64)
+            return tid, at + uids[0] if n else at, at
         uids, new, new_rows = [], [], []
-        for r, row in enumerate(x):
-            key = hash(row.tobytes())
-            uid = self.uid_of.get(key)
+        for r, (pos, key) in enumerate(zip(range(first, first + n), keys)):
+            uid = uid_of.get(key)
             if uid is None:
-                uid = self.uid_of[key] = self.next_uid
+                uid = uid_of[key] = self.next_uid
                 self.key_of[uid] = key
                 self.next_uid += 1
                 self.owners[uid] = []
                 new.append(uid)
                 new_rows.append(r)
-            self.owners[uid].append((self.next_pos, tid))
-            self.next_pos += 1
+            self.owners[uid].append((pos, tid))
             uids.append(uid)
         self.rows[tid] = uids
         self.blocks[block] = uids
-        self.count += len(uids)
         return tid, np.asarray(new, np.int64), np.asarray(new_rows, np.int64)
 
     def remove(self, tid: int) -> list[int]:
@@ -218,12 +237,11 @@ class Router:
     def _rows(self, embeddings) -> Rows:
         if isinstance(embeddings, torch.Tensor):
             embeddings = embeddings.detach().to("cpu", torch.float32).numpy()
-        x = np.array(embeddings, dtype=np.float32, copy=True, order="C")
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)  # the caller's array, when it is one
         if self.metric == "cosine" and x.ndim == 2 and x.shape[0]:
             norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-            x /= norms
-            return Rows(x, norms[:, 0])
-        return Rows(x, None)
+            return Rows(x / norms, norms[:, 0])  # the division makes the copy the router keeps
+        return Rows(np.array(x, copy=True), None)
 
     def _checked(self, task: str, embeddings) -> Rows:
         rows = self._rows(embeddings)
@@ -235,10 +253,12 @@ class Router:
         return rows
 
     @staticmethod
-    def _insert(state, task: str, rows: Rows, block: tuple | None = None) -> None:
+    def _insert(state, task: str, rows: Rows, keyed: Keyed | None = None) -> None:
         index, ex, tids, names = state
-        tid, new, at = ex.add(rows.x, block)
-        if new.size:
+        tid, new, at = ex.add(rows.x, keyed)
+        if new.size == len(rows.x):  # every row (in order, as add returns them): no copy to take
+            index.add(new, rows.x, rows.norms)
+        elif new.size:
             index.add(new, rows.x[at], None if rows.norms is None else rows.norms[at])
         tids[task], names[tid] = tid, task
 
@@ -316,8 +336,8 @@ class Router:
         floor = self._exact_floor()
         cap = self._exact_max if self._exact_max is not None else EXACT_MAX
         state = (Exact(self.dim, ip, capacity=min(examples, cap + 1)), _Examples(), {}, {})
-        for task, rows, block in self._prepared(source(order)):
-            self._insert(state, task, rows, block)
+        for task, rows, keyed in self._prepared(source(order)):
+            self._insert(state, task, rows, keyed)
             n = state[0].ntotal
             if n <= floor and n < TRAIN:  # neither check below can fire: no need to time the scan
                 continue
@@ -336,8 +356,8 @@ class Router:
         nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
         ivf = IVF(self.dim, ip, nlist, self.nprobe, train, capacity=distinct + distinct // 8)
         state = (_Batched(ivf), _Examples(), {}, {})
-        for task, rows, block in self._prepared(source(order)):
-            self._insert(state, task, rows, block)
+        for task, rows, keyed in self._prepared(source(order)):
+            self._insert(state, task, rows, keyed)
         state[0].flush()
         state = (ivf, *state[1:])
         ivf.built_on = ivf.ntotal
@@ -346,11 +366,11 @@ class Router:
         return state
 
     def _prepared(self, pairs: Iterable[tuple[str, np.ndarray]], size: int = 32):
-        """(task, rows as indexed, their block key) for a source's (task, embeddings). A source
+        """(task, rows as indexed, their keys) for a source's (task, embeddings). A source
         that yields one object for tasks sharing their examples (SwitchSet does, for bytes equal
         to a block it read lately) has it checked, normalised and keyed once: reading a bank of 10,000
         switches built from six example sets spent 6 s doing that again for every switch."""
-        recent: dict[int, tuple] = {}  # id(embeddings) -> (embeddings, Rows, block); holding it keeps the id
+        recent: dict[int, tuple] = {}  # id(embeddings) -> (embeddings, Rows, Keyed); holding it keeps the id
         for task, emb in pairs:
             hit = recent.get(id(emb))
             if hit is None or hit[0] is not emb:

@@ -97,3 +97,25 @@ def test_empty_and_tiny_indexes():
     assert index.search(np.eye(8, dtype=np.float32)[:1], 5)[1].shape == (1, 0)
     with pytest.raises(ValueError):
         Exact(8, False, scan="int8")
+
+
+@pytest.mark.parametrize("norms", [False, True])
+def test_ivf_keeps_the_same_rows_whether_ids_come_in_a_row_or_scattered(norms):
+    """A build adds ids in a row, written in place in blocks; later adds scatter. Both must keep
+    each row exactly as x * norm rounds to float16."""
+    from switchbank.knn import IVF
+    g = np.random.default_rng(3)
+    x = g.normal(size=(2600, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    scale = (1 + 9 * g.random(2600)).astype(np.float32) if norms else None
+    in_row, scattered = (IVF(16, True, 16, 4, x[:500], capacity=8) for _ in range(2))
+    in_row.add(np.arange(2600), x, scale)
+    order = g.permutation(2600)
+    for part in np.array_split(order, 7):
+        scattered.add(part, x[part], None if scale is None else scale[part])
+    want = torch.from_numpy(x if scale is None else x * scale[:, None]).half()
+    assert torch.equal(in_row.full[:2600], want) and torch.equal(scattered.full[:2600], want)
+    assert torch.equal(in_row.norm[:2600], scattered.norm[:2600])
+    d1, i1 = in_row.search(x[:20], 5)
+    d2, i2 = scattered.search(x[:20], 5)
+    assert (i1 == i2).all() and np.array_equal(d1, d2)

@@ -150,6 +150,27 @@ def test_shared_query_vectors_route_as_every_example_would(exact_max):
 
 
 @pytest.mark.parametrize("exact_max", [10_000, 30])
+def test_repeated_rows_in_one_task_and_tasks_of_new_rows_route_as_every_example_would(exact_max):
+    """A task whose block repeats a row, tasks whose rows are all new, and tasks repeating rows of
+    both: each takes its own path through the example keys, and all route as the naive search."""
+    g = np.random.default_rng(11)
+    tasks = {}
+    for i in range(24):
+        x = g.normal(size=(6, 5)).astype(np.float32)
+        if i % 3 == 1:
+            x[4] = x[1]  # a row repeated within the task
+        if i % 3 == 2:
+            x[:2] = tasks[f"t{i - 1:02d}"][3:5]  # rows of another task, one of them a repeat there
+        tasks[f"t{i:02d}"] = x
+    r = Router(dim=5, k=6, exact_max=exact_max, nprobe=64)
+    r.load(source_of(tasks), {t: 6 for t in tasks})
+    order = list(r._tid)
+    queries = np.concatenate([tasks["t01"], g.normal(size=(16, 5)).astype(np.float32)])
+    assert r.counts(queries) == naive_counts({t: tasks[t] for t in order}, queries, 6)
+    assert r.stats()["distinct_vectors"] == 24 * 6 - 8 - 16
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 30])
 def test_one_object_for_many_tasks_is_checked_once_and_routes_as_copies_would(exact_max, monkeypatch):
     """A source may yield one array for every task built from the same examples (SwitchSet does):
     it is checked once per build, and routing equals that over separate copies."""
