@@ -21,6 +21,7 @@ embeddings while the old one keeps answering, then replays the changes made mean
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Callable, Iterable
 from fractions import Fraction
@@ -162,26 +163,54 @@ class _Examples:
 
 
 class _Batched:
-    """Adds to an index in batches of about ``size`` vectors: an IVF index assigns the vectors of one
-    call to its lists in one matrix product, and a call per switch's hundred vectors took 25% longer
-    (60,000 random 1280-d vectors, 512 lists, against batches of 5,000)."""
+    """Adds to an IVF index in batches of about ``size`` vectors, on a thread of its own.
+
+    An IVF index assigns the vectors of one call to its lists in one matrix product (a call per
+    switch's hundred vectors took 25% longer: 60,000 random 1280-d vectors, 512 lists, against
+    batches of 5,000). faiss releases the GIL while it assigns and encodes, so the next switches'
+    embeddings are read and keyed meanwhile; one batch waits at most, so memory stays bounded.
+    ``close`` waits for the last batch and raises what the indexing raised, if anything.
+    """
 
     def __init__(self, index: IVF, size: int = 8192):
         self.index, self.size = index, size
         self.parts: list[tuple] = []
         self.held = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._worker = threading.Thread(target=self._work, name="switchbank-router-index", daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        while (batch := self._queue.get()) is not None:
+            if self._error is None:  # after a failure, only drain: the builder learns at close
+                try:
+                    self.index.add(*batch)
+                except BaseException as exc:  # noqa: BLE001 (re-raised by close)
+                    self._error = exc
 
     def add(self, ids: np.ndarray, x: np.ndarray, norms: np.ndarray | None = None) -> None:
         self.parts.append((ids, x, norms))
         self.held += len(ids)
         if self.held >= self.size:
-            self.flush()
+            self._send()
 
-    def flush(self) -> None:
+    def _send(self) -> None:
         if self.held:
             ids, x, norms = zip(*self.parts)
-            self.index.add(np.concatenate(ids), np.concatenate(x), None if norms[0] is None else np.concatenate(norms))
+            self._queue.put((np.concatenate(ids), np.concatenate(x), None if norms[0] is None else np.concatenate(norms)))
         self.parts, self.held = [], 0
+
+    def close(self, send: bool = True) -> None:
+        """Index what is held (unless ``send`` is false: the build failed) and wait for the worker."""
+        if self._worker.is_alive():
+            if send:
+                self._send()
+            self._queue.put(None)
+            self._worker.join()
+        self.parts, self.held = [], 0
+        if send and self._error is not None:
+            raise self._error
 
 
 class Router:
@@ -355,10 +384,15 @@ class Router:
         distinct = max(train.shape[0], int(examples * train.shape[0] / max(1, state[1].count)))
         nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
         ivf = IVF(self.dim, ip, nlist, self.nprobe, train, capacity=distinct + distinct // 8)
-        state = (_Batched(ivf), _Examples(), {}, {})
-        for task, rows, keyed in self._prepared(source(order)):
-            self._insert(state, task, rows, keyed)
-        state[0].flush()
+        batched = _Batched(ivf)
+        state = (batched, _Examples(), {}, {})
+        try:
+            for task, rows, keyed in self._prepared(source(order)):
+                self._insert(state, task, rows, keyed)
+        except BaseException:
+            batched.close(send=False)
+            raise
+        batched.close()
         state = (ivf, *state[1:])
         ivf.built_on = ivf.ntotal
         log.info("router: IVF index (%d lists, nprobe %d), %d distinct vectors of %d examples, %d tasks",

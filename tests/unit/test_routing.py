@@ -97,6 +97,36 @@ def test_approximate_index_agrees_with_exact_search(metric):
     assert agree >= 0.95, agree
 
 
+@pytest.mark.parametrize("fail", ["source", "index"])
+def test_a_failed_ivf_build_raises_keeps_the_old_index_and_leaves_no_thread(fail, monkeypatch):
+    """The IVF index is filled on a worker thread: a failure of the source (on the builder's
+    thread) or of the index (on the worker) must reach the caller, stop the worker, and leave the
+    router as it was."""
+    import threading
+
+    from switchbank import knn
+    data, _ = clusters(30, 20, 8, seed=4)
+    r = Router(dim=8, k=5, exact_max=100, nprobe=4)
+    r.add("before", data["t0"])
+    calls = {"n": 0}
+
+    def source(names):
+        for t in (names if names is not None else sorted(data)):
+            calls["n"] += 1
+            if fail == "source" and calls["n"] > 20:  # in the second pass, the IVF's
+                raise RuntimeError("unreadable")
+            yield t, data[t]
+
+    if fail == "index":
+        def broken(self, *a, **k):
+            raise MemoryError("no room")
+        monkeypatch.setattr(knn.IVF, "add", broken)
+    with pytest.raises(RuntimeError if fail == "source" else MemoryError):
+        r.load(source, {t: 20 for t in data})
+    assert r.tasks == ["before"] and r.kind == "exact"
+    assert not [t for t in threading.enumerate() if t.name == "switchbank-router-index"]
+
+
 def test_approximate_index_changes_incrementally_and_rebuilds_in_the_background():
     data, _ = clusters(30, 20, 8, seed=2)
     r = Router(dim=8, k=5, exact_max=100, nprobe=4)
