@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     router_exact_max: int | None = Field(None, ge=0, description=(
         "distinct query vectors up to which Auto-Switch searches exactly; above, an approximate (IVF) index. "
         "Unset: 200,000 where the CPU's bfloat16 products are fast (AVX512-BF16, AMX), 20,000 elsewhere"))
-    router_nprobe: int = Field(16, ge=1, le=4096, description="lists the approximate index searches per query")
+    router_nprobe: int | None = Field(None, ge=1, le=4096, description=(
+        "lists the approximate index searches per query. Unset: 16, or more on an index whose lists are "
+        "small, so that a query scans at least about 9,000 vectors"))
     scratch_bytes: int = Field(256 << 20, ge=1 << 20, description=(
         "scratch memory for weights merged just in time for combinations without a cached tower"))
     queue_limit: int = Field(256, ge=1, description="requests waiting beyond this get 503 + Retry-After")

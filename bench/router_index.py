@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--switches", type=int, default=1000)
     ap.add_argument("--ef", default="64,128,256,512")
-    ap.add_argument("--nprobe", default="8,16,32", help="lists the IVF index scans per query")
+    ap.add_argument("--nprobe", default="8,16,32", help="lists the IVF index scans per query (the default is added)")
     args = ap.parse_args(argv)
     from bench.traffic import demo_images
     from switchbank.backbone import DEMO_ARCH, load_backbone
@@ -105,10 +105,11 @@ def main(argv=None) -> int:
     record(f"the router's default: {stats['kind']}" + (f", {stats['scan']} scan" if "scan" in stats else ""),
            build, served.counts, agreement(served.counts(emb)))
     ivf, build = built(exact_max=20_000)
-    for p in [int(p) for p in args.nprobe.split(",") if p]:
+    default = ivf._index.index.nprobe
+    for p in sorted({int(p) for p in args.nprobe.split(",") if p} | {default}):
         ivf._index.index.nprobe = p
         record(f"IVF-SQ8 (exact_max 20,000, {ivf._index.nlist} lists), nprobe {p}"
-               + (" (the default)" if p == ivf.nprobe else ""), build, ivf.counts, agreement(ivf.counts(emb)))
+               + (" (the default)" if p == default else ""), build, ivf.counts, agreement(ivf.counts(emb)))
     del ivf
 
     owner = [n for n in queries for _ in range(counts[n])]

@@ -190,7 +190,7 @@ def in_process(bank: Path, nprobes: list[int]) -> dict:
            "agreement_demo": agreement(eng.router)[0], "agreement_synthetic": agreement(eng.router)[1],
            "accuracy_exact": accuracy(ref_demo), "accuracy_served": accuracy(eng.router.counts(emb))}
     if eng.router.kind == "approximate" and nprobes:
-        sweep = []
+        sweep, default = [], eng.router._index.index.nprobe
         for p in nprobes:
             eng.router._index.index.nprobe = p
             t = _median_time(lambda: eng.router.counts(next(batches)), 10)
@@ -198,7 +198,7 @@ def in_process(bank: Path, nprobes: list[int]) -> dict:
             sweep.append({"nprobe": p, "knn_batch16_ms": 1000 * t, "agreement_demo": a, "agreement_synthetic": b,
                           "accuracy": accuracy(eng.router.counts(emb))})
             print("  nprobe", sweep[-1], flush=True)
-        eng.router._index.index.nprobe = eng.router.nprobe
+        eng.router._index.index.nprobe = default
         out["nprobe_sweep"] = sweep
     # cold switches: load the bits and merge, against merging with the bits resident (medians of 5)
     colds, warms = [], []

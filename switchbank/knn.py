@@ -6,7 +6,7 @@
   every vector the bfloat16 error could misplace scored again in float32.
 - ``IVF``: candidates from an inverted-file index with 8-bit scalar quantisation (faiss
   IndexIVFScalarQuantizer, about a byte per dimension per vector), scanning ``nprobe`` of
-  ``nlist`` lists, then the candidates ranked by exact distances on the full vectors, kept as
+  ``nlist`` lists (by default at least 16, and at least about 9,000 vectors: :func:`ivf_nprobe`), then the candidates ranked by exact distances on the full vectors, kept as
   float16 at the scale a switch file gives them, so quantisation never reorders neighbours.
 Both return distances in ascending order (Euclidean squared up to a per-query constant, or minus the
 inner product for unit vectors).
@@ -32,6 +32,19 @@ def ivf_lists(n: int) -> int:
     images where 512 at nprobe 32 agreed on 94.2%, in the same time), and assigning vectors to them
     is most of the index's build."""
     return int(min(256, max(16, math.sqrt(max(n, 1)))))
+
+
+NPROBE = 16  # lists an IVF index searches per query at least, by default
+MIN_SCAN = 9_000  # vectors a query scans at least, by default
+
+
+def ivf_nprobe(nlist: int, n: int) -> int:
+    """Lists to search per query by default for ``n`` vectors in ``nlist`` lists: 16, or more where
+    the lists are small, so that a query scans about MIN_SCAN vectors at least. On the distinct
+    banks measured (AVX2 machine), nprobe 16 gave exact search's weights on 99.5% of the held-out
+    images at a million vectors but 98.5% at 100,000, where its lists hold ten times fewer; 24
+    lists (9,400 vectors) gave 99.5% there too, for 29 ms per batch of 16 against 22 ms."""
+    return int(min(nlist, max(NPROBE, math.ceil(nlist * MIN_SCAN / max(n, 1)))))
 
 
 _BF16_FAST: bool | None = None
@@ -259,6 +272,7 @@ class IVF:
 
     def __init__(self, dim: int, ip: bool, nlist: int, nprobe: int, train: np.ndarray, candidates: int = 64,
                  capacity: int = 0):
+        """``nprobe``: lists searched per query (``ivf_nprobe`` gives the default for a size)."""
         metric = faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2
         self.quantizer = faiss.IndexFlatIP(dim) if ip else faiss.IndexFlatL2(dim)
         self.index = faiss.IndexIVFScalarQuantizer(self.quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric)

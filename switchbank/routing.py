@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import Incompatible, InvalidInput
-from .knn import IVF, Exact, bf16_fast, ivf_lists
+from .knn import IVF, Exact, bf16_fast, ivf_lists, ivf_nprobe
 
 log = logging.getLogger(__name__)
 METRICS = ("l2", "cosine")
@@ -216,14 +216,17 @@ class _Batched:
 class Router:
     """k-NN routing over task query embeddings; tasks come and go without a rebuild."""
 
-    def __init__(self, dim: int, k: int = 10, metric: str = "l2", *, exact_max: int | None = None, nprobe: int = 16):
+    def __init__(self, dim: int, k: int = 10, metric: str = "l2", *, exact_max: int | None = None,
+                 nprobe: int | None = None):
+        """``nprobe``: lists the IVF index searches per query; by default it follows the index's size
+        (knn.ivf_nprobe)."""
         if k < 1:
             raise InvalidInput(f"K must be at least 1, got {k}")
         if metric not in METRICS:
             raise InvalidInput(f"router metric must be one of {METRICS}, got {metric!r}")
         self.dim, self.k, self.metric = int(dim), int(k), metric
         self._exact_max = None if exact_max is None else int(exact_max)
-        self.nprobe = int(nprobe)
+        self.nprobe = None if nprobe is None else int(nprobe)
         self._index: Exact | IVF = Exact(self.dim, metric == "cosine")
         self._ex = _Examples()
         self._tid: dict[str, int] = {}
@@ -383,7 +386,8 @@ class Router:
         train = state[0].vectors(TRAIN)
         distinct = max(train.shape[0], int(examples * train.shape[0] / max(1, state[1].count)))
         nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
-        ivf = IVF(self.dim, ip, nlist, self.nprobe, train, capacity=distinct + distinct // 8)
+        nprobe = ivf_nprobe(nlist, distinct) if self.nprobe is None else self.nprobe
+        ivf = IVF(self.dim, ip, nlist, nprobe, train, capacity=distinct + distinct // 8)
         batched = _Batched(ivf)
         state = (batched, _Examples(), {}, {})
         try:

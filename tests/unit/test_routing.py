@@ -325,3 +325,16 @@ def test_exact_limit_follows_the_scan_this_cpu_makes_fast(monkeypatch):
         r = Router(dim=4)
         r.load(source, counts)
         assert r.kind == kind and len(r) == x.shape[0] and not r.needs_rebuild()
+
+
+def test_the_default_nprobe_scans_about_9000_vectors_at_least_and_a_setting_overrides_it():
+    from switchbank.knn import ivf_nprobe
+    assert ivf_nprobe(256, 1_000_000) == 16
+    assert ivf_nprobe(256, 100_000) == 24  # 98.5% agreement at 16 there, 99.5% at 24 (bench.router_index)
+    assert ivf_nprobe(100, 500) == 100  # never more lists than there are
+    data, _ = clusters(30, 20, 8, seed=2)
+    auto, set_ = Router(dim=8, k=5, exact_max=100), Router(dim=8, k=5, exact_max=100, nprobe=4)
+    for r in (auto, set_):
+        r.load(source_of(data), {t: 20 for t in data})
+    assert auto.kind == set_.kind == "approximate"
+    assert auto.stats()["nprobe"] == auto.stats()["nlist"] and set_.stats()["nprobe"] == 4
