@@ -6,8 +6,9 @@
   every vector the bfloat16 error could misplace scored again in float32.
 - ``IVF``: candidates from an inverted-file index with 8-bit scalar quantisation (faiss
   IndexIVFScalarQuantizer, about a byte per dimension per vector), scanning ``nprobe`` of
-  ``nlist`` lists (by default at least 16, and at least about 9,000 vectors: :func:`ivf_nprobe`), then the candidates ranked by exact distances on the full vectors, kept as
-  float16 at the scale a switch file gives them, so quantisation never reorders neighbours.
+  ``nlist`` lists (by default at least 16, and about 9,000 vectors at least: :func:`ivf_nprobe`),
+  then the candidates ranked by exact distances on the full vectors, kept as float16 at the scale
+  a switch file gives them, so quantisation never reorders neighbours.
 Both return distances in ascending order (Euclidean squared up to a per-query constant, or minus the
 inner product for unit vectors).
 """

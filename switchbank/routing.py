@@ -186,7 +186,7 @@ class _Batched:
             if self._error is None:  # after a failure, only drain: the builder learns at close
                 try:
                     self.index.add(*batch)
-                except BaseException as exc:  # noqa: BLE001 (re-raised by close)
+                except BaseException as exc:  # close re-raises it on the builder's thread
                     self._error = exc
 
     def add(self, ids: np.ndarray, x: np.ndarray, norms: np.ndarray | None = None) -> None:
