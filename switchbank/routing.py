@@ -40,7 +40,8 @@ METRICS = ("l2", "cosine")
 # the IVF index takes 9-11 ms but gives the exact answer's weights on only 97% of the demo's held-out
 # images (bench.router_index); at 200,000 the exact index holds 1.5 GB (six bytes a dimension) and
 # scans in about two demo-tower forwards. Where it is not (AVX2 without AVX512-BF16), a float32 scan
-# of 100,000 vectors took 136-159 ms against the IVF index's 20-23 ms, so the limit is 20,000.
+# of 100,000 vectors took 136-159 ms against the IVF index's 20-23 ms (nprobe 16; 30 ms at the 24
+# knn.ivf_nprobe gives there), so the limit is 20,000.
 EXACT_MAX = 200_000
 EXACT_MAX_FLOAT32 = 20_000
 TRAIN = 20_000  # vectors an IVF index is trained on
