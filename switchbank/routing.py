@@ -106,17 +106,6 @@ class _Examples:
             self.rows[tid] = list(known)
             return tid, np.zeros(0, np.int64), np.zeros(0, np.int64)
         uid_of = self.uid_of
-        if len(set(keys)) == n and not any(map(uid_of.__contains__, keys)):
-            # every row new and distinct (a switch with examples of its own): no per-row branching
-            uids = list(range(self.next_uid, self.next_uid + n))
-            self.next_uid += n
-            uid_of.update(zip(keys, uids))
-            self.key_of.update(zip(uids, keys))
-            self.owners.update(zip(uids, ([(pos, tid)] for pos in range(first, first + n))))
-            self.rows[tid] = uids
-            self.blocks[block] = uids
-            at = np.arange(n, dtype=np.int64)
-            return tid, at + uids[0] if n else at, at
         uids, new, new_rows = [], [], []
         for r, (pos, key) in enumerate(zip(range(first, first + n), keys)):
             uid = uid_of.get(key)
