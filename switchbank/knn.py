@@ -302,21 +302,16 @@ class IVF:
             self.full, self.norm = grown, norm
         rows = torch.from_numpy(x)
         scale = None if norms is None else torch.from_numpy(np.ascontiguousarray(norms, dtype=np.float32))
-        if ids.size and ids[-1] - ids[0] + 1 == ids.size and (np.diff(ids) == 1).all():
-            # ids in a row (a build adds them so): copied into place rather than scattered, scaled
-            # in float32 (torch's product straight into float16 is not vectorised) a block at a
-            # time, so that no temporary is large enough for malloc to map afresh (a million rows
-            # took 6-7 s through the scatter below, measured)
-            lo = int(ids[0])
-            for s in range(0, ids.size, 1024):
-                part = rows[s:s + 1024]
-                self.full[lo + s:lo + s + part.shape[0]].copy_(part if scale is None else
-                                                              part * scale[s:s + 1024].unsqueeze(1))
-            at = slice(lo, lo + ids.size)
-        else:
-            at = torch.from_numpy(ids)
-            self.full[at] = rows.half() if scale is None else (rows * scale.unsqueeze(1)).half()
-        self.norm[at] = 1.0 if scale is None else scale
+        # Scaled in float32 (torch's product straight into float16 is not vectorised) a block at a
+        # time, so that no temporary is large enough for malloc to map afresh, and ids in a row (a
+        # build adds them so) copied into place rather than scattered: a million rows took 6-7 s
+        # as one float16 product and scatter, measured.
+        in_row = bool((np.diff(ids) == 1).all())
+        for s in range(0, ids.size, 1024):
+            part = rows[s:s + 1024] if scale is None else rows[s:s + 1024] * scale[s:s + 1024].unsqueeze(1)
+            at = slice(int(ids[s]), int(ids[s]) + part.shape[0]) if in_row else torch.from_numpy(ids[s:s + 1024])
+            self.full[at] = part.half()
+            self.norm[at] = 1.0 if scale is None else scale[s:s + 1024]
         self.index.add_with_ids(x, ids)
 
     def remove(self, ids) -> None:

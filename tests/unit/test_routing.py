@@ -182,7 +182,7 @@ def test_shared_query_vectors_route_as_every_example_would(exact_max):
 @pytest.mark.parametrize("exact_max", [10_000, 30])
 def test_repeated_rows_in_one_task_and_tasks_of_new_rows_route_as_every_example_would(exact_max):
     """A task whose block repeats a row, tasks whose rows are all new, and tasks repeating rows of
-    both: each takes its own path through the example keys, and all route as the naive search."""
+    both all route as the naive search, and the router holds each distinct row once."""
     g = np.random.default_rng(11)
     tasks = {}
     for i in range(24):
