@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 
 from .errors import CorruptSwitch, SwitchChanged
 # the layout checks are part of this module's interface (read_layout, Layout, the constants)
-from .layout import (FORMAT, MAX_HEADER, META_KEY, QUERY_DTYPE, READS, VERSION, Layout, _header, _meta,  # noqa: F401
+from .layout import (FORMAT, MAX_HEADER, META_KEY, QUERY_DTYPE, READS, VERSION, Index, Layout, _header, _meta,  # noqa: F401
                      _table, check_meta, read_layout)
 from .packing import dense_to_compact, expand_signs, packed_len, rice_encode, rice_len, rice_to_bitmap
 from .types import Head, Switch, TensorEntry
@@ -138,7 +138,7 @@ def from_bytes(data: bytes, check: Callable[[Layout], None] | None = None) -> Sw
     meta = layout.meta
     if meta["content_hash"] != content_hash(meta, tensors):
         raise CorruptSwitch("content hash mismatch: the file was corrupted or modified after it was written")
-    sw = _light(meta, tensors)
+    sw = _light(meta, tensors, layout.index)
     sw.mask, sw.pos = decode_bits(meta, tensors["mask"].numpy(), tensors["sign"].numpy())
     return sw
 
@@ -149,23 +149,23 @@ def _finite(key: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _entries(rows: list, scales: list[float]) -> list[TensorEntry]:
-    """The tensor entries of checked index rows, a column at a time: a bank of thousands of switches
-    makes hundreds each at start-up (twice as fast as a loop over rows)."""
+def _entries(rows: list, scales: list[float], index: Index) -> list[TensorEntry]:
+    """The tensor entries of checked index rows (``index``: their shared part, from check_meta), a
+    column at a time: a bank of thousands of switches makes hundreds each at start-up (twice as fast
+    as a loop over rows)."""
     if not rows:
         return []
-    names, shapes, kept = list(zip(*rows))[:3]
-    shapes = list(map(tuple, shapes))
-    nbytes = (np.fromiter(map(math.prod, shapes), np.int64, len(shapes)) + 7) // 8
-    offsets = np.concatenate([[0], np.cumsum(nbytes)[:-1]]).tolist()
+    names, shapes, offsets = index.names, index.shapes, index.offsets
+    kept = [r[2] for r in rows]
     # tuple.__new__ builds each named tuple in C, as TensorEntry(...) would through a Python-level __new__
     return list(map(tuple.__new__, repeat(TensorEntry), zip(names, shapes, kept, scales, offsets)))
 
 
-def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Switch:
-    """A switch with everything but its bits: index, scales, head, queries, 0-dim deltas."""
+def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor], index: Index) -> Switch:
+    """A switch with everything but its bits: index, scales, head, queries, 0-dim deltas
+    (``index``: the shared part of its tensor index, from check_meta)."""
     scale = _finite("scale", tensors["scale"])
-    entries = _entries(meta["tensors"], scale.tolist())
+    entries = _entries(meta["tensors"], scale.tolist(), index)
     head = None
     if "head.weight" in tensors:
         bias = tensors.get("head.bias")
@@ -243,9 +243,9 @@ def read_light(path: str | Path) -> Switch:
             head = first + f.read(n)
             header, _ = _header(head)
             meta = _meta(header)
-            check_meta(meta)
+            index = check_meta(meta)
             size = path.stat().st_size - 8 - n
-            table = _table(header, meta, size)
+            table = _table(header, meta, size, index)
             tensors = {}
             for key, (dtype, shape, (start, end)) in table.items():
                 if key in ("mask", "sign", "queries"):
@@ -260,7 +260,7 @@ def read_light(path: str | Path) -> Switch:
         raise CorruptSwitch(f"{path}: cannot read ({exc.strerror})") from None
     except CorruptSwitch as exc:
         raise CorruptSwitch(f"{path}: {exc}") from None
-    sw = _light(meta, tensors)
+    sw = _light(meta, tensors, index)
     sw.source = path
     if "queries" in table:
         dtype, shape, (start, end) = table["queries"]

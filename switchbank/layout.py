@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
 from operator import add, le
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import CorruptSwitch
@@ -77,8 +79,9 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def check_meta(meta: dict[str, Any]) -> None:
-    """Every metadata field's type and range; CorruptSwitch naming the first bad field."""
+def check_meta(meta: dict[str, Any]) -> Index:
+    """Every metadata field's type and range; CorruptSwitch naming the first bad field. Returns
+    the shared part of its tensor index (:class:`Index`)."""
     _text(meta, "name")
     alpha = meta.get("alpha")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or not 0 <= alpha < 1:
@@ -90,10 +93,14 @@ def check_meta(meta: dict[str, Any]) -> None:
     rows = meta.get("tensors")
     if not isinstance(rows, list):
         raise CorruptSwitch("metadata field 'tensors' must be a list")
-    if not _rows_ok(rows):
-        names = set()
+    index = _rows_index(rows)
+    if index is None:
+        names: set = set()
         for i, row in enumerate(rows):
             _check_row(i, row, names)
+        index = _rows_index(rows)
+        if index is None:  # the two sets of checks disagree, which they must not
+            raise CorruptSwitch("metadata field 'tensors' is malformed")
     classes = meta.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) and len(c) <= MAX_TEXT
                                                                           for c in classes)):
@@ -103,40 +110,94 @@ def check_meta(meta: dict[str, Any]) -> None:
     buffers = meta.get("buffers_differing")
     if buffers is not None and (not isinstance(buffers, list) or not all(isinstance(b, str) for b in buffers)):
         raise CorruptSwitch("metadata field 'buffers_differing' must be a list of strings")
+    return index
+
+
+@dataclass(frozen=True, eq=False)
+class Index:
+    """What the tensor indexes of one backbone's switches share: the tensors' names and shapes,
+    checked once, and what follows from them. Each file's own kept counts and Rice parameters are
+    checked per file."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    numel: np.ndarray  # int64, per tensor
+    offsets: tuple[int, ...]  # each tensor's byte offset in the dense bit planes
+    bitmaps: int  # bytes of every mask as a bitmap
+
+
+def _index(names: tuple, shapes: tuple) -> Index:
+    numel = list(map(math.prod, shapes))
+    offsets = (0, *accumulate((n + 7) // 8 for n in numel))
+    return Index(names, shapes, np.array(numel, dtype=np.int64), offsets[:-1], offsets[-1])
+
+
+_EMPTY = _index((), ())
+# (names, shapes) -> Index, for the few backbones a process meets; a bank's switch files all share one
+_INDEXES: dict[tuple, Index] = {}
+_INDEXES_MAX = 16
+_INDEXES_LOCK = threading.Lock()
+
+
+def _shared(names: tuple, shapes: tuple) -> Index | None:
+    """The Index of a tensor index's names and shapes (its first two columns), checked by the
+    rules of :func:`_check_row`, or None for any doubt. Checked once per backbone: listing a bank's
+    switch files at start-up spent a fifth of its time checking and deriving the same ones again."""
+    # types first, so that a key equal to a cached one means the same rows (1 == 1.0 == True)
+    if set(map(type, names)) != {str} or set(map(type, shapes)) != {list}:
+        return None
+    dims = list(chain.from_iterable(shapes))
+    if set(map(type, dims)) != {int}:
+        return None
+    key = (names, tuple(map(tuple, shapes)))
+    hit = _INDEXES.get(key)
+    if hit is not None:
+        return hit
+    if len(set(names)) != len(names) or min(map(len, names)) < 1 or max(map(len, names)) > 1024:
+        return None
+    if min(map(len, shapes)) < 1 or max(map(len, shapes)) > 8 or min(dims) < 0:
+        return None
+    if max(map(math.prod, key[1])) > MAX_NUMEL:
+        return None
+    index = _index(*key)
+    with _INDEXES_LOCK:
+        if len(_INDEXES) >= _INDEXES_MAX:
+            _INDEXES.pop(next(iter(_INDEXES)))
+        _INDEXES[key] = index
+    return index
 
 
 def _rows_ok(rows: list) -> bool:
-    """Whether every tensor row is well formed, by the same rules as :func:`_check_row`, checked a
-    column at a time in C-level passes (a bank reads thousands of switches of hundreds of rows at
-    start-up). False for any doubt; the row-by-row checks then name the first bad row."""
+    """Whether every tensor row is well formed, by the same rules as :func:`_check_row`."""
+    return _rows_index(rows) is not None
+
+
+def _rows_index(rows: list) -> Index | None:
+    """The rows' Index if every tensor row is well formed, by the same rules as :func:`_check_row`,
+    checked a column at a time in C-level passes (a bank reads thousands of switches of hundreds of
+    rows at start-up). None for any doubt; the row-by-row checks then name the first bad row."""
     if not rows:
-        return True
+        return _EMPTY
     if set(map(type, rows)) != {list}:
-        return False
+        return None
     widths = set(map(len, rows))
     if not widths <= {3, 5}:
-        return False
+        return None
     names, shapes, kept = list(zip(*rows))[:3]  # zip stops at the shortest row
-    if (set(map(type, names)) != {str} or len(set(names)) != len(names)
-            or min(map(len, names)) < 1 or max(map(len, names)) > 1024):
-        return False
-    if set(map(type, shapes)) != {list} or min(map(len, shapes)) < 1 or max(map(len, shapes)) > 8:
-        return False
-    dims = list(chain.from_iterable(shapes))
-    if set(map(type, dims)) != {int} or min(dims) < 0:
-        return False
-    if set(map(type, kept)) != {int} or min(kept) < 0:
-        return False
-    numel = list(map(math.prod, shapes))
-    if max(numel) > MAX_NUMEL or not all(map(le, kept, numel)):
-        return False
+    index = _shared(names, shapes)
+    if index is None:
+        return None
+    if set(map(type, kept)) != {int} or min(kept) < 0 or max(kept) > MAX_NUMEL:
+        return None
+    if (np.array(kept, dtype=np.int64) > index.numel).any():
+        return None
     if 5 in widths:  # the Rice-coded rows' parameters
         _, shapes, kept, k, unary = zip(*(row for row in rows if len(row) == 5))
         if set(map(type, k)) != {int} or set(map(type, unary)) != {int} or min(k) < 0 or max(k) >= 32:
-            return False
+            return None
         if min(unary) < 0 or not all(map(le, unary, map(add, map(math.prod, shapes), kept))):
-            return False
-    return True
+            return None
+    return index
 
 
 def _check_row(i: int, row, names: set) -> None:
@@ -161,9 +222,11 @@ def _check_row(i: int, row, names: set) -> None:
 _DTYPES = {"U8": torch.uint8, "F32": torch.float32, "F16": torch.float16}
 
 
-def _table(header: dict[str, Any], meta: dict[str, Any], size: int | None) -> dict[str, tuple[torch.dtype, tuple, tuple]]:
-    """The tensor table from the header, checked against the metadata: key -> (dtype, shape,
-    (start, end)) with offsets from the start of the data section."""
+def _table(header: dict[str, Any], meta: dict[str, Any], size: int | None,
+           index: Index | None = None) -> dict[str, tuple[torch.dtype, tuple, tuple]]:
+    """The tensor table from the header, checked against the metadata (``index``: the shared part
+    of its tensor index, from :func:`check_meta`): key -> (dtype, shape, (start, end)) with offsets
+    from the start of the data section."""
     table = {}
     for key, v in header.items():
         if key == "__metadata__":
@@ -181,10 +244,7 @@ def _table(header: dict[str, Any], meta: dict[str, Any], size: int | None) -> di
         raise CorruptSwitch(f"tensor data is {size:,} bytes but the header describes "
                             f"{max((e for _, _, (_, e) in table.values()), default=0):,}: truncated or padded")
     rows = meta["tensors"]
-    mask_len = sign_len = 0
-    for r in rows:
-        mask_len += rice_len(r[2], r[3], r[4]) if len(r) == 5 else (math.prod(r[1]) + 7) // 8
-        sign_len += (r[2] + 7) // 8
+    mask_len, sign_len = _bit_lengths(rows, index or check_meta(meta))
     want = {"mask": (torch.uint8, (mask_len,)), "sign": (torch.uint8, (sign_len,)), "scale": (torch.float32, (len(rows),))}
     for key, (dtype, shape) in want.items():
         got = table.get(key)
@@ -221,6 +281,15 @@ def _table(header: dict[str, Any], meta: dict[str, Any], size: int | None) -> di
     return table
 
 
+def _bit_lengths(rows: list, index: Index) -> tuple[int, int]:
+    """The sizes of the mask and sign buffers that checked rows declare."""
+    kept = np.array([r[2] for r in rows], dtype=np.int64)
+    mask_len = index.bitmaps
+    for r in [r for r in rows if len(r) == 5]:  # Rice-coded: their own length instead of the bitmap's
+        mask_len += rice_len(r[2], r[3], r[4]) - (math.prod(r[1]) + 7) // 8
+    return mask_len, int(((kept + 7) // 8).sum())
+
+
 @dataclass(frozen=True)
 class Layout:
     """What a switch file declares, checked, before anything is decoded: its metadata and its
@@ -229,6 +298,7 @@ class Layout:
     meta: dict[str, Any]
     table: dict[str, tuple]
     data_start: int  # byte offset of the data section in the file
+    index: Index | None = None  # the shared part of its tensor index
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Switched tensor name -> shape, from the index."""
@@ -243,5 +313,5 @@ def read_layout(data) -> Layout:
     """The checked layout of a switch file's bytes."""
     header, n = _header(data)
     meta = _meta(header)
-    check_meta(meta)
-    return Layout(meta, _table(header, meta, len(data) - 8 - n), 8 + n)
+    index = check_meta(meta)
+    return Layout(meta, _table(header, meta, len(data) - 8 - n, index), 8 + n, index)

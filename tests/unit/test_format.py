@@ -135,3 +135,20 @@ def test_tensor_rows_checked_by_column_agree_with_the_row_by_row_checks():
         rows[i] = row
         assert not row_by_row(rows), what
         assert not _rows_ok(rows), what
+
+
+def test_a_shared_tensor_index_is_checked_once_and_never_stands_in_for_other_rows():
+    """Switches of one backbone share an Index (names and shapes, checked once); rows whose names
+    and shapes compare equal to a cached one's without being the same (True == 1.0 == 1) are
+    checked afresh and rejected, and each file's own kept counts are checked on a cache hit too."""
+    from switchbank.layout import _rows_index
+
+    first = _rows_index([["a", [1, 3], 2], ["b", [4], 4, 1, 5]])
+    again = _rows_index([["a", [1, 3], 3], ["b", [4], 0, 2, 4]])
+    assert first is not None and again is first
+    assert first.offsets == (0, 1) and first.bitmaps == 2 and first.numel.tolist() == [3, 4]
+    for dims in ([True, 3], [1.0, 3]):
+        assert _rows_index([["a", dims, 2], ["b", [4], 4, 1, 5]]) is None, dims
+    assert _rows_index([["a", [1, 3], 4], ["b", [4], 4, 1, 5]]) is None  # kept beyond numel
+    assert _rows_index([["a", [1, 3], True], ["b", [4], 4, 1, 5]]) is None
+    assert _rows_index([["a", [1, 3], 2], ["b", [4], 4, 1, 9]]) is None  # unary bits beyond numel and kept
