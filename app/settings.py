@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         "comma-separated switch names whose bits stay resident and whose merged weights are built at start-up"))
     router_exact_max: int | None = Field(None, ge=0, description=(
         "distinct query vectors up to which Auto-Switch searches exactly; above, an approximate (IVF) index. "
-        "Unset: 200,000 where the CPU's bfloat16 products are fast (AVX512-BF16, AMX), 20,000 elsewhere"))
+        "Unset: 200,000 where the CPU's bfloat16 products are fast (AVX512-BF16, AMX), 60,000 elsewhere"))
     router_nprobe: int | None = Field(None, ge=1, le=4096, description=(
         "lists the approximate index searches per query. Unset: 16, or more on an index whose lists are "
         "small, so that a query scans at least about 9,000 vectors"))
