@@ -376,7 +376,9 @@ class Router:
                      state[0].scanning, state[0].ntotal, state[1].count, len(state[2]))
             return state
         train = state[0].vectors(TRAIN)
-        distinct = max(train.shape[0], int(examples * train.shape[0] / max(1, state[1].count)))
+        # the bank's distinct vectors, projected from the share of its examples read so far
+        seen = state[0].ntotal
+        distinct = max(seen, int(examples * seen / max(1, state[1].count)))
         nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
         nprobe = ivf_nprobe(nlist, distinct) if self.nprobe is None else self.nprobe
         ivf = IVF(self.dim, ip, nlist, nprobe, train, capacity=distinct + distinct // 8)

@@ -338,3 +338,22 @@ def test_the_default_nprobe_scans_about_9000_vectors_at_least_and_a_setting_over
         r.load(source_of(data), {t: 20 for t in data})
     assert auto.kind == set_.kind == "approximate"
     assert auto.stats()["nprobe"] == auto.stats()["nlist"] and set_.stats()["nprobe"] == 4
+
+
+def test_an_ivf_index_is_sized_for_the_whole_bank_when_the_exact_pass_read_past_its_training_sample():
+    """The first pass reads the bank into an exact index until it passes the limit; the IVF index
+    built then has lists for the bank's projected distinct vectors, not for its training sample."""
+    from switchbank.knn import ivf_lists, ivf_nprobe
+    x = np.random.default_rng(3).normal(size=(45_000, 4)).astype(np.float32)
+    counts = {f"t{i:03d}": 100 for i in range(450)}
+
+    def source(names):
+        for n in names or sorted(counts):
+            i = int(n[1:])
+            yield n, x[i * 100:(i + 1) * 100]
+
+    r = Router(dim=4, exact_max=25_000)
+    r.load(source, counts)
+    stats = r.stats()
+    assert stats["kind"] == "approximate" and stats["distinct_vectors"] == 45_000
+    assert stats["nlist"] == ivf_lists(45_000) and stats["nprobe"] == ivf_nprobe(ivf_lists(45_000), 45_000)
