@@ -38,9 +38,9 @@ def serve(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Importing torch and the rest creates about half a million objects that live as long as the
-    # process: with the cyclic collector walking them again and again as they pile up, importing
-    # the server took 0.6 s longer (3.2 s in all on a 2-core CPU).
+    # Importing torch here, and open_clip and the rest in `serve`, creates about half a million
+    # objects that live as long as the process: with the cyclic collector walking them again and
+    # again as they piled up, importing the server took 0.6 s longer (3.2 s in all on a 2-core CPU).
     gc.disable()
     try:
         from switchbank import cli
