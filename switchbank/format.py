@@ -277,12 +277,12 @@ class Recent:
     def __init__(self, size: int = 32):
         self.size, self.blocks = size, {}
 
-    def get(self, raw: bytes, dtype, shape):
-        key = (dtype, shape, hash(raw[:4096]))
+    def get(self, raw: bytes | bytearray, dtype, shape):
+        key = (dtype, shape, hash(bytes(raw[:4096])))
         hit = self.blocks.get(key)
         return key, (hit[1] if hit is not None and hit[0] == raw else None)
 
-    def put(self, key, raw: bytes, q: torch.Tensor) -> None:
+    def put(self, key, raw: bytes | bytearray, q: torch.Tensor) -> None:
         if len(self.blocks) >= self.size:
             self.blocks.pop(next(iter(self.blocks)))
         self.blocks[key] = (raw, q)
@@ -300,14 +300,16 @@ def read_queries(sw: Switch, recent: Recent | None = None) -> torch.Tensor:
     try:
         with open(sw.source, "rb") as f:
             f.seek(offset)
-            raw = f.read(size)
+            raw = bytearray(size)  # read into, so that torch can take the bytes without a copy
+            got = f.readinto(raw)
     except OSError as exc:
         raise CorruptSwitch(f"{sw.source}: cannot read ({exc.strerror})") from None
-    if len(raw) != size:
+    if got != size:
         raise CorruptSwitch(f"{sw.source}: file is shorter than its header says (truncated?)")
     key, q = recent.get(raw, dtype, shape) if recent is not None else (None, None)
     if q is None:
-        q = _finite("queries", torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).float())
+        q = _finite("queries", torch.frombuffer(raw, dtype=dtype).reshape(shape).float()) if size else \
+            torch.zeros(shape)
         if recent is not None:
             recent.put(key, raw, q)
     return q

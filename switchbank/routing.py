@@ -272,7 +272,9 @@ class Router:
         x = rows.x
         if x.ndim != 2 or x.shape[1] != self.dim or x.shape[0] == 0:
             raise Incompatible(f"task {task!r}: query embeddings of shape {x.shape} do not fit a {self.dim}-d router")
-        if not np.isfinite(x).all():
+        # a row with NaN or infinity has a norm that is not finite, so for the cosine metric the norms
+        # tell; the rows themselves are checked only where they cannot (no norms, or one overflowed)
+        if not (rows.norms is not None and np.isfinite(rows.norms).all()) and not np.isfinite(x).all():
             raise InvalidInput(f"task {task!r}: query embeddings contain NaN or infinity")
         return rows
 

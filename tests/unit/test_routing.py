@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from switchbank.errors import Incompatible
+from switchbank.errors import Incompatible, InvalidInput
 from switchbank.routing import Router
 
 
@@ -56,6 +56,20 @@ def test_wrong_dimension_is_rejected():
         r.add("a", np.zeros((3, 2), dtype=np.float32))
     with pytest.raises(Incompatible):
         r.counts(np.zeros((1, 3), dtype=np.float32))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_query_embeddings_are_refused_and_huge_finite_ones_kept(metric, bad):
+    r = Router(dim=3, k=1, metric=metric)
+    x = np.ones((4, 3), dtype=np.float32)
+    x[2, 1] = bad
+    with pytest.raises(InvalidInput, match="NaN or infinity"):
+        r.add("bad", x)
+    assert r.tasks == []
+    # finite, though its float32 norm overflows (cosine scales the row to zeros): not refused
+    r.add("huge", np.full((2, 3), 3e38, dtype=np.float32))
+    assert r.tasks == ["huge"]
 
 
 def test_cosine_metric_ranks_by_angle():
