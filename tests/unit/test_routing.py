@@ -240,12 +240,16 @@ def test_one_object_for_many_tasks_is_checked_once_and_routes_as_copies_would(ex
     assert shared.counts(queries) == naive_counts({t: tasks[t] for t in shared._tid}, queries, 6)
 
 
-def test_ivf_ranks_float16_query_embeddings_as_exact_search_does():
+@pytest.mark.parametrize("given", ["float32", "float16 tensor"])
+def test_ivf_ranks_float16_query_embeddings_as_exact_search_does(given):
     """Switch files store query embeddings as float16; the IVF index ranks its candidates on them
-    at their own scale, so near ties come out as a float32 scan of the unit rows orders them."""
+    at their own scale, so near ties come out as a float32 scan of the unit rows orders them, whether
+    they come as float32 values or as the float16 tensor a file read gives (kept as they are)."""
     g = np.random.default_rng(11)
     base = g.normal(size=16)
     x = (40 * base + 0.5 * g.normal(size=(60, 16))).astype(np.float16).astype(np.float32)  # near ties
+    if given == "float16 tensor":
+        x = torch.from_numpy(x).half()
     tasks = {f"t{i:02d}": x[i:i + 1] for i in range(60)}
     exact = Router(dim=16, k=5, metric="cosine", exact_max=10_000)
     ivf = Router(dim=16, k=5, metric="cosine", exact_max=30, nprobe=64)  # every list: only the ranking differs
@@ -254,6 +258,26 @@ def test_ivf_ranks_float16_query_embeddings_as_exact_search_does():
     assert (exact.kind, ivf.kind) == ("exact", "approximate") and list(exact._tid) == list(ivf._tid)
     queries = (base + 0.003 * g.normal(size=(200, 16))).astype(np.float32)
     assert ivf.counts(queries) == exact.counts(queries)
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 30])
+def test_the_same_vectors_as_float16_and_as_float32_route_as_every_example_would(exact_max):
+    """Rows that come as float16 are keyed by those bytes, so the same vectors from a float32 source
+    are held twice; routing still equals the naive search over every example."""
+    g = np.random.default_rng(12)
+    shared = g.normal(size=(6, 5)).astype(np.float16)
+    tasks = {}
+    for i in range(16):
+        own = g.normal(size=(3, 5)).astype(np.float16) + 2 * (i % 3)
+        block = np.concatenate([shared, own])
+        tasks[f"t{i:02d}"] = torch.from_numpy(block) if i % 2 else block.astype(np.float32)
+    r = Router(dim=5, k=7, exact_max=exact_max, nprobe=64)
+    r.load(source_of(tasks), {t: 9 for t in tasks})
+    assert r.stats()["distinct_vectors"] == 2 * 6 + 16 * 3
+    order = list(r._tid)
+    as32 = {t: np.asarray(tasks[t], dtype=np.float32) for t in order}
+    queries = np.concatenate([shared.astype(np.float32), g.normal(size=(20, 5)).astype(np.float32) * 2])
+    assert r.counts(queries) == naive_counts(as32, queries, 7)
 
 
 def test_recent_query_blocks_are_shared_only_when_every_byte_is_equal():
