@@ -157,7 +157,7 @@ def in_process(bank: Path, nprobes: list[int]) -> dict:
     names = [n for n in sorted(counts) if "-" in n] or sorted(counts)
     synth = []
     for name in rng.choice(names, size=min(2000, 20 * len(names)), replace=True):
-        q = eng._queries_of(eng.switches[name]).numpy()
+        q = eng._queries_of(eng.switches[name]).float().numpy()  # as the file stores them: float16
         row = q[rng.integers(q.shape[0])]
         synth.append(row + 0.1 * np.linalg.norm(row) * rng.normal(size=row.shape).astype(np.float32) / np.sqrt(row.size))
     synth = np.stack(synth).astype(np.float32)
