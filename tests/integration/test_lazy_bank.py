@@ -56,6 +56,21 @@ def test_changes_to_the_bank_are_picked_up(bank, backbone, tower):
     assert res.head == "teal" and torch.isfinite(res.logits).all()
 
 
+def test_a_copy_uploaded_later_adds_no_vectors_to_the_router(bank, backbone):
+    """Per-customer copies of a task share its example images: the router holds their vectors once,
+    whether a copy was read at start-up or arrived later."""
+    from switchbank.format import to_bytes
+
+    eng = Engine(backbone, k=5, cache_bytes=64 << 20)
+    eng.sync(bank)
+    distinct, examples = eng.router.stats()["distinct_vectors"], len(eng.router)
+    copy = bank.load("red")
+    copy.name = "red-customer-2"
+    bank.add(to_bytes(copy))
+    assert eng.sync(bank) and "red-customer-2" in eng.router.tasks
+    assert len(eng.router) == examples + 8 and eng.router.stats()["distinct_vectors"] == distinct
+
+
 def test_a_switch_replaced_or_removed_by_another_process_before_its_bits_load(bank, backbone, tower):
     """Replicas share a bank: another one may replace a switch (its old file goes) after this engine
     listed it and before a request first needs its bits. The batch follows the bank instead of
