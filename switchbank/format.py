@@ -314,8 +314,7 @@ def read_queries(sw: Switch, recent: Recent | None = None) -> torch.Tensor:
         raise CorruptSwitch(f"{sw.source}: file is shorter than its header says (truncated?)")
     key, q = recent.get(raw, dtype, shape) if recent is not None else (None, None)
     if q is None:
-        q = _finite("queries", torch.frombuffer(raw, dtype=dtype).reshape(shape)) if size else \
-            torch.zeros(shape, dtype=dtype)
+        q = _finite("queries", torch.frombuffer(raw, dtype=dtype).reshape(shape))  # never empty: layout._table
         if recent is not None:
             recent.put(key, raw, q)
     return q

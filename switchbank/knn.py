@@ -316,30 +316,31 @@ class IVF:
         x came from them (x = half / norm); then they are kept as they are, in one copy: at a
         million rows this call spent 1.6-2.1 s besides faiss's add, against 3.0-3.3 s scaling
         and rounding them a block at a time."""
-        top = int(ids.max()) + 1 if ids.size else 0
+        if not ids.size:
+            return
+        top = int(ids.max()) + 1
         if top > self.full.shape[0]:
             cap = max(top, 2 * self.full.shape[0])
             grown, norm = torch.empty((cap, self.dim), dtype=torch.float16), torch.empty(cap)
             grown[:self.full.shape[0]], norm[:self.norm.shape[0]] = self.full, self.norm
             self.full, self.norm = grown, norm
-        rows = torch.from_numpy(x) if half is None else torch.from_numpy(np.ascontiguousarray(half))
         scale = None if norms is None else torch.from_numpy(np.ascontiguousarray(norms, dtype=np.float32))
-        # Scaled in float32 (torch's product straight into float16 is not vectorised) a block at a
-        # time, so that no temporary is large enough for malloc to map afresh, and ids in a row (a
-        # build adds them so) copied into place rather than scattered: a million rows took 6-7 s
-        # as one float16 product and scatter, measured.
+        # ids in a row (a build adds them so) are copied into place rather than scattered
         in_row = bool((np.diff(ids) == 1).all())
-        if half is not None and ids.size:  # no temporaries: one copy
+        if half is not None:  # kept as they came: one copy, no temporaries
             at = slice(int(ids[0]), int(ids[0]) + ids.size) if in_row else torch.from_numpy(ids)
-            self.full[at] = rows
+            self.full[at] = torch.from_numpy(np.ascontiguousarray(half))
             self.norm[at] = 1.0 if scale is None else scale
-            self.index.add_with_ids(x, ids)
-            return
-        for s in range(0, ids.size, 1024):
-            part = rows[s:s + 1024] if scale is None else rows[s:s + 1024] * scale[s:s + 1024].unsqueeze(1)
-            at = slice(int(ids[s]), int(ids[s]) + part.shape[0]) if in_row else torch.from_numpy(ids[s:s + 1024])
-            self.full[at] = part.half()
-            self.norm[at] = 1.0 if scale is None else scale[s:s + 1024]
+        else:
+            # Scaled in float32 (torch's product straight into float16 is not vectorised) a block at
+            # a time, so that no temporary is large enough for malloc to map afresh: a million rows
+            # took 6-7 s as one float16 product and scatter, measured.
+            rows = torch.from_numpy(x)
+            for s in range(0, ids.size, 1024):
+                part = rows[s:s + 1024] if scale is None else rows[s:s + 1024] * scale[s:s + 1024].unsqueeze(1)
+                at = slice(int(ids[s]), int(ids[s]) + part.shape[0]) if in_row else torch.from_numpy(ids[s:s + 1024])
+                self.full[at] = part.half()
+                self.norm[at] = 1.0 if scale is None else scale[s:s + 1024]
         self.index.add_with_ids(x, ids)
 
     def remove(self, ids) -> None:

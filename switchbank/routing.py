@@ -100,12 +100,12 @@ class _Examples:
         vector it finds into the examples it stands for."""
         return _Examples.block(rows.half if rows.half is not None else rows.x)
 
-    def add(self, x: np.ndarray, keyed: Keyed | None = None) -> tuple[int, np.ndarray, np.ndarray]:
-        """Record a task's examples (``keyed``: their keys, if known); returns (its task id, new
+    def add(self, x: np.ndarray, keyed: Keyed) -> tuple[int, np.ndarray, np.ndarray]:
+        """Record a task's examples ``x`` under their keys (:meth:`keys`); returns (its task id, new
         uids, their rows in x to index)."""
         tid = self.next_tid
         self.next_tid += 1
-        block, keys = self.block(x) if keyed is None else keyed
+        block, keys = keyed
         self.block_of[tid] = block
         known = self.blocks.get(block)
         first, n = self.next_pos, len(keys)
@@ -276,7 +276,8 @@ class Router:
             embeddings = embeddings.detach().cpu()
             if embeddings.dtype == torch.float16:
                 half = embeddings.numpy()
-            embeddings = embeddings.float().numpy()  # torch converts float16 several times faster than numpy
+            # torch converts float16 35x faster than numpy does (6 against 209 us for 100 1280-d rows)
+            embeddings = embeddings.float().numpy()
         elif isinstance(embeddings, np.ndarray) and embeddings.dtype == np.float16:
             half = embeddings
         x = np.ascontiguousarray(embeddings, dtype=np.float32)  # the caller's array, when it is one
