@@ -256,7 +256,7 @@ class Router:
 
     def exact_limit(self) -> int:
         """Distinct vectors searched exactly: the setting, or by default EXACT_MAX where a bfloat16
-        scan is fast and EXACT_MAX_FLOAT32 where not (timed once per process, knn.bf16_fast)."""
+        scan is fast and EXACT_MAX_FLOAT32 where not (knn.bf16_fast)."""
         if self._exact_max is not None:
             return self._exact_max
         return EXACT_MAX if bf16_fast() else EXACT_MAX_FLOAT32

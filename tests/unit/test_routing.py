@@ -365,6 +365,28 @@ def test_exact_limit_follows_the_scan_this_cpu_makes_fast(monkeypatch):
         assert r.kind == kind and len(r) == x.shape[0] and not r.needs_rebuild()
 
 
+def test_fast_bfloat16_is_read_from_x86_features_not_timed(monkeypatch):
+    import switchbank.knn as knn
+
+    def timing_not_expected():
+        raise AssertionError("timed the products on x86")
+
+    monkeypatch.setattr(knn, "_bf16_timed", timing_not_expected)
+    monkeypatch.setattr(knn.platform, "machine", lambda: "x86_64")
+    for bf16, amx, fast in ((True, False, True), (False, True, True), (False, False, False)):
+        monkeypatch.setattr(knn, "_BF16_FAST", None)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert knn.bf16_fast() is fast
+        assert knn.bf16_fast() is fast  # decided once
+    # elsewhere, the timing decides, once
+    calls = []
+    monkeypatch.setattr(knn.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(knn, "_BF16_FAST", None)
+    monkeypatch.setattr(knn, "_bf16_timed", lambda: calls.append(1) or True)
+    assert knn.bf16_fast() and knn.bf16_fast() and calls == [1]
+
+
 def test_the_default_nprobe_scans_about_9000_vectors_at_least_and_a_setting_overrides_it():
     from switchbank.knn import ivf_nprobe
     assert ivf_nprobe(256, 1_000_000) == 16
