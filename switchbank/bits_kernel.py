@@ -7,6 +7,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .numba_target import load as _load_target
+
+_load_target()
+
 
 @njit(cache=True, nogil=True, boundscheck=False)
 def expand(mask, sign, m_start, m_len, s_start, deposit, popcount, pos, counts):

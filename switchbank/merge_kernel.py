@@ -9,6 +9,10 @@ import numpy as np
 from numba import carray, njit, prange, types
 from numba.extending import intrinsic
 
+from .numba_target import load as _load_target
+
+_load_target()
+
 
 def _pointer(kind):
     @intrinsic

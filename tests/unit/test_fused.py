@@ -113,3 +113,15 @@ def test_strided_base_takes_the_torch_path(base, switches):
     got = merged_params(strided, weighted)
     for k in base:
         assert torch.equal(got[k].view(torch.int32), expected[k].view(torch.int32)), k
+
+
+def test_loading_the_kernels_leaves_scipy_linalg_unimported_and_importable():
+    import subprocess
+    import sys
+    code = ("import sys; from switchbank import fused, packing; fused.warm_up(); packing.warm_up(); "
+            "print('scipy.linalg' in sys.modules); import importlib.util; "
+            "ok = importlib.util.find_spec('scipy') is None or __import__('scipy.linalg').linalg.norm([3.0, 4.0]) == 5.0; "
+            "print(ok)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.split() == ["False", "True"]
