@@ -132,8 +132,14 @@ def _slack(q: torch.Tensor, ql: torch.Tensor, err: torch.Tensor, c: float) -> to
 class Exact:
     """Every vector, each searched for every query.
 
-    Vectors live in slots of one growing float32 table (a removed vector's slot is reused), so
-    adding or removing one never copies the others. Past ``SMALL`` vectors, on a CPU whose
+    Vectors live in slots of one growing table (a removed vector's slot is reused), so adding or
+    removing one never copies the others. Where the scan will be bfloat16, rows that come with the
+    float16 rows they were made from (``half``, from a switch file of format version 2: x = half /
+    norm) are kept as those and their norms, and read back as x to the bit: half the bytes of
+    float32 rows (100,000 1280-d vectors: 256 against 512 MB). Rows without that form (older files,
+    switches made in memory) are kept aside in float32, and past a few thousand of them (and an
+    eighth of the table) the whole table turns float32, as it does if the scan turns out float32.
+    Past ``SMALL`` vectors, on a CPU whose
     bfloat16 products are fast (:func:`bf16_fast`), the scan runs on a bfloat16 copy of the table:
     half the bytes, and 5x faster than the float32 product on the machine measured (100,000
     1280-d vectors, 16 queries: 12.5 ms against 61 ms, measured before the float32 scan took
@@ -148,25 +154,36 @@ class Exact:
 
     kind = "exact"
     SMALL = 4096  # below this many vectors a float32 scan is as fast as anything
+    # rows converted per step: 100,000 1280-d rows took 0.18-0.25 s to lower to bfloat16 in steps
+    # of 4,096 and 0.05-0.06 s in steps of 1,024, whose temporaries (5 MB) stay in cache
+    BLOCK = 1024
     SHORTLIST = 64  # vectors scored in float32 per query before the bound is checked
+
+    WIDE = 4096  # rows without a float16 form kept aside before the table turns float32 (at least)
 
     def __init__(self, dim: int, ip: bool, capacity: int = 0, scan: str = "auto"):
         if scan not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"scan must be auto, float32 or bfloat16, got {scan!r}")
         self.dim, self.ip, self.scan = dim, ip, scan
-        self.full = torch.empty((capacity, dim), dtype=torch.float32)
+        # float16 rows and their scales (x = half / scale) where the scan will be bfloat16, else
+        # float32 rows; a table that starts small decides when it is rebuilt
+        compact = scan == "bfloat16" or (scan == "auto" and capacity > self.SMALL and bf16_fast())
+        self.half = torch.empty((capacity, dim), dtype=torch.float16) if compact else None
+        self.scale = torch.empty(capacity) if compact else None
+        self.full = None if compact else torch.empty((capacity, dim), dtype=torch.float32)
+        self.wide: dict[int, torch.Tensor] = {}  # slot -> float32 row, where a row had no float16 form
         # |v|^2 for Euclidean, 0 for unit vectors by angle; +inf for a free slot, which then never ranks
         self.bias = torch.full((capacity,), float("inf"))
         self.ids = np.full(capacity, -1, dtype=np.int64)
         self.slot: dict[int, int] = {}
         self.free: list[int] = []
         self.used = 0  # slots ever handed out: [0, used) is scanned
-        self.low: torch.Tensor | None = None  # bfloat16 copy of full, once a scan uses it
+        self.low: torch.Tensor | None = None  # bfloat16 copy of the rows, once a scan uses it
         self.err: torch.Tensor | None = None  # per slot: |v - low|, |low|
 
     # --- storage -----------------------------------------------------------------------------
     def _grow(self, need: int) -> None:
-        cap = self.full.shape[0]
+        cap = self.bias.shape[0]
         if need <= cap:
             return
         cap = max(need, 2 * cap, 64)
@@ -175,29 +192,61 @@ class Exact:
             new[:self.used] = old[:self.used]
             return new
 
-        self.full = grown(self.full, torch.empty((cap, self.dim), dtype=torch.float32))
+        if self.full is not None:
+            self.full = grown(self.full, torch.empty((cap, self.dim), dtype=torch.float32))
+        else:
+            self.half = grown(self.half, torch.empty((cap, self.dim), dtype=torch.float16))
+            self.scale = grown(self.scale, torch.empty(cap))
         self.bias = grown(self.bias, torch.full((cap,), float("inf")))
         self.ids = grown(self.ids, np.full(cap, -1, dtype=np.int64))
         if self.low is not None:
             self.low = grown(self.low, torch.empty((cap, self.dim), dtype=torch.bfloat16))
             self.err = grown(self.err, torch.zeros((cap, 2)))
 
+    def _rows(self, at: slice | torch.Tensor) -> torch.Tensor:
+        """The float32 rows at ``at`` (a slice, or slot numbers) as they were added."""
+        pick = (lambda t: t[at]) if isinstance(at, slice) else (lambda t: t.index_select(0, at))
+        if self.full is not None:
+            return pick(self.full)
+        rows = pick(self.half).float().div_(pick(self.scale).unsqueeze(1))
+        if self.wide:
+            if isinstance(at, slice):
+                for slot, row in self.wide.items():
+                    if at.start <= slot < at.stop:
+                        rows[slot - at.start] = row
+            else:
+                for i, slot in enumerate(at.tolist()):
+                    row = self.wide.get(slot)
+                    if row is not None:
+                        rows[i] = row
+        return rows
+
+    def _to_float32(self) -> None:
+        """Keep float32 rows from now on."""
+        if self.full is not None:
+            return
+        full = torch.empty((self.bias.shape[0], self.dim), dtype=torch.float32)
+        for start in range(0, self.used, self.BLOCK):
+            at = slice(start, min(start + self.BLOCK, self.used))
+            full[at] = self._rows(at)
+        self.full, self.half, self.scale, self.wide = full, None, None, {}
+
     def _lower(self, at: slice | torch.Tensor) -> None:
         """The bfloat16 rows at ``at`` (a slice, or slot numbers) and their error terms; a long
-        slice in pieces, so that its temporaries stay small."""
-        if isinstance(at, slice) and at.stop - at.start > 4096:
-            for start in range(at.start, at.stop, 4096):
-                self._lower(slice(start, min(start + 4096, at.stop)))
+        slice in pieces, so that its temporaries stay in cache."""
+        if isinstance(at, slice) and at.stop - at.start > self.BLOCK:
+            for start in range(at.start, at.stop, self.BLOCK):
+                self._lower(slice(start, min(start + self.BLOCK, at.stop)))
             return
-        v = self.full[at]
-        self.low[at] = v
+        v = self._rows(at)
+        self.low[at] = v.to(torch.bfloat16)  # slot numbers index_put, which takes no other dtype
         back = self.low[at].float()
         self.err[at, 1] = torch.linalg.vector_norm(back, dim=1)
         self.err[at, 0] = torch.linalg.vector_norm(back.sub_(v), dim=1)
 
     def add(self, ids: np.ndarray, x: np.ndarray, norms: np.ndarray | None = None, half: np.ndarray | None = None) -> None:
-        """Add rows ``x`` under ``ids`` (``norms`` and ``half`` are for the IVF index; this one keeps
-        ``x`` whole)."""
+        """Add rows ``x`` under ``ids``; ``half``: the float16 rows x was made from, x = half / norms
+        (or x = half, without ``norms``), which are then kept instead of x."""
         ids = np.asarray(ids, dtype=np.int64)
         if not ids.size:
             return
@@ -216,7 +265,20 @@ class Exact:
         else:
             at = torch.tensor([self.slot[i] for i in listed], dtype=torch.int64)
         rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        self.full[at] = rows
+        slots = range(at.start, at.stop) if isinstance(at, slice) else at.tolist()
+        if self.full is None and half is not None:
+            self.half[at] = torch.from_numpy(np.ascontiguousarray(half, dtype=np.float16))
+            self.scale[at] = 1.0 if norms is None else torch.from_numpy(np.ascontiguousarray(norms, dtype=np.float32))
+            if self.wide:
+                for slot in slots:
+                    self.wide.pop(slot, None)
+        elif self.full is None and len(self.wide) + len(slots) <= max(self.WIDE, self.used // 8):
+            own = rows.clone()  # the caller's array may be shared
+            self.half[at], self.scale[at] = 0.0, 1.0
+            self.wide.update(zip(slots, own))
+        else:
+            self._to_float32()
+            self.full[at] = rows
         self.bias[at] = 0.0 if self.ip else (rows * rows).sum(1)
         self.ids[at if isinstance(at, slice) else at.numpy()] = ids
         if self.low is not None:
@@ -226,6 +288,7 @@ class Exact:
         for i in ids:
             s = self.slot.pop(int(i), None)
             if s is not None:
+                self.wide.pop(s, None)
                 self.bias[s] = float("inf")
                 self.ids[s] = -1
                 self.free.append(s)
@@ -233,7 +296,7 @@ class Exact:
     def vectors(self, limit: int | None = None) -> np.ndarray:
         """The vectors held (a copy), in slot order; the first ``limit`` of them if given."""
         held = np.flatnonzero(self.ids[:self.used] >= 0)[:limit]
-        return self.full[torch.from_numpy(held)].numpy()
+        return self._rows(torch.from_numpy(held)).numpy()
 
     @property
     def ntotal(self) -> int:
@@ -241,8 +304,9 @@ class Exact:
 
     def nbytes(self) -> int:
         # slots never handed out are allocated but never written, so never resident
-        per = self.dim * 4 + 4 + 8 + (self.dim * 2 + 8 if self.low is not None else 0)
-        return self.used * per
+        rows = self.dim * 4 if self.full is not None else self.dim * 2 + 4
+        per = rows + 4 + 8 + (self.dim * 2 + 8 if self.low is not None else 0)
+        return self.used * per + len(self.wide) * self.dim * 4
 
     # --- search ------------------------------------------------------------------------------
     @property
@@ -256,10 +320,11 @@ class Exact:
 
     def _use_bf16(self) -> bool:
         if self.scan == "float32" or (self.scan == "auto" and (self.used <= self.SMALL or not bf16_fast())):
+            self._to_float32()
             return False
         if self.low is None:
-            self.low = torch.empty((self.full.shape[0], self.dim), dtype=torch.bfloat16)
-            self.err = torch.zeros((self.full.shape[0], 2))
+            self.low = torch.empty((self.bias.shape[0], self.dim), dtype=torch.bfloat16)
+            self.err = torch.zeros((self.bias.shape[0], 2))
             if self.used:
                 self._lower(slice(0, self.used))
         return True
@@ -290,7 +355,7 @@ class Exact:
             col = torch.arange(rows.numel()) - first[rows]
             # ragged, so one dot product per pair rather than _exact's batched product (which is
             # twice as fast per vector on the shortlist's rectangle, measured)
-            dots = torch.linalg.vecdot(self.full.index_select(0, slots), q.index_select(0, rows))
+            dots = torch.linalg.vecdot(self._rows(slots), q.index_select(0, rows))
             more = torch.full((q.shape[0], width), float("inf"))
             more[rows, col] = self.bias[slots] - c * dots
             pad = torch.zeros((q.shape[0], width), dtype=torch.int64)
@@ -302,7 +367,7 @@ class Exact:
     def _exact(self, q: torch.Tensor, slots: torch.Tensor, c: float) -> torch.Tensor:
         """Float32 distances of each query row to its ``slots`` [B, M] (a batched product: equal to
         the float32 scan's to within float32 rounding)."""
-        vecs = self.full.index_select(0, slots.reshape(-1)).view(*slots.shape, self.dim)
+        vecs = self._rows(slots.reshape(-1)).view(*slots.shape, self.dim)
         dots = torch.bmm(vecs, q.unsqueeze(2)).squeeze(2)
         return self.bias[slots] - c * dots
 

@@ -119,3 +119,69 @@ def test_ivf_keeps_the_same_rows_whether_ids_come_in_a_row_or_scattered(norms):
     d1, i1 = in_row.search(x[:20], 5)
     d2, i2 = scattered.search(x[:20], 5)
     assert (i1 == i2).all() and np.array_equal(d1, d2)
+
+
+@pytest.mark.parametrize("ip", [True, False])
+def test_rows_kept_as_their_float16_source_answer_as_float32_rows_do(ip):
+    """Rows given with the float16 rows they were made from are kept as those (half the bytes)
+    and read back bitwise, so every answer equals that of an index holding the float32 rows. Rows
+    without that form are kept aside in float32; many of them, or the float32 scan, turn the
+    table float32."""
+    g = np.random.default_rng(5)
+    half = (3 * g.normal(size=(6000, 48))).astype(np.float16)
+    x = torch.from_numpy(half).float().numpy()
+    norms = None
+    if ip:  # as the router makes unit rows from a file's rows
+        norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x, norms = x / norms, norms[:, 0]
+    q = x[g.integers(0, len(x), 16)] + 0.05 * g.normal(size=(16, 48)).astype(np.float32)
+    ids = np.arange(len(x)) * 3 + 1
+    compact, plain = Exact(48, ip, scan="bfloat16"), Exact(48, ip, scan="bfloat16")
+    plain._to_float32()  # float32 rows from the start, the same scan
+    for part in np.array_split(np.arange(len(x)), 3):
+        compact.add(ids[part], x[part], None if norms is None else norms[part], half[part])
+        plain.add(ids[part], x[part])
+    for index in (compact, plain):
+        index.remove(ids[:500])  # freed slots are reused, scattered, by the next additions
+        index.add(ids[:200], x[:200], None if norms is None else norms[:200], half[:200])
+    assert compact.full is None and plain.full is not None
+    assert compact.nbytes() < 0.7 * plain.nbytes()
+    assert np.array_equal(compact.vectors(), plain.vectors())
+
+    def same():
+        assert np.array_equal(compact.vectors(), plain.vectors())
+        for m in (1, 20):
+            (d1, i1), (d2, i2) = compact.search(q, m), plain.search(q, m)
+            assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+
+    same()
+    for index in (compact, plain):  # now with the bfloat16 copy made: its scattered rows too
+        index.remove(ids[1000:1300])
+        index.add(ids[1000:1100], x[1000:1100], None if norms is None else norms[1000:1100], half[1000:1100])
+    same()
+    # float32 rows without a float16 form: a few are kept aside, in freed slots and new ones
+    extra = g.normal(size=(300, 48)).astype(np.float32)
+    if ip:
+        extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    for index in (compact, plain):
+        index.add(np.arange(300) * 3 + 100_000, extra)
+    assert compact.full is None and len(compact.wide) == 300
+    same()
+    for index in (compact, plain):  # some of them removed, and their slots taken by float16 rows
+        index.remove(np.arange(100) * 3 + 100_000)
+        index.add(ids[1100:1300], x[1100:1300], None if norms is None else norms[1100:1300], half[1100:1300])
+    assert compact.full is None and len(compact.wide) == 200
+    same()
+    compact.WIDE = 100  # past its share of the table the rest turns float32 too
+    more = g.normal(size=(900, 48)).astype(np.float32)
+    for index in (compact, plain):
+        index.add(np.arange(900) * 3 + 200_000, more)
+    assert compact.full is not None and not compact.wide
+    same()
+    small = Exact(48, ip, scan="bfloat16")  # the float32 scan reads float32 rows
+    small.add(ids[:1000], x[:1000], None if norms is None else norms[:1000], half[:1000])
+    small.scan = "float32"
+    small.ready()
+    assert small.scanning == "float32" and small.full is not None
+    assert np.array_equal(small.vectors(), x[:1000])
+    assert Exact(48, ip, capacity=1000).full is not None  # a table that starts small: float32 rows

@@ -365,6 +365,27 @@ def test_exact_limit_follows_the_scan_this_cpu_makes_fast(monkeypatch):
         assert r.kind == kind and len(r) == x.shape[0] and not r.needs_rebuild()
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_a_task_added_after_a_removal_on_a_bfloat16_scan_takes_the_freed_slots(monkeypatch, metric):
+    import switchbank.knn as knn
+    monkeypatch.setattr(knn, "bf16_fast", lambda: True)
+    g = np.random.default_rng(4)
+
+    def cluster():  # a task's examples near one another, far from other tasks'
+        return torch.from_numpy((g.normal(size=16) + 0.01 * g.normal(size=(100, 16))).astype(np.float16))
+
+    blocks = {f"t{i:02d}": cluster() for i in range(50)}
+    r = Router(dim=16, k=5, metric=metric)
+    r.load(lambda names: ((n, blocks[n]) for n in names or sorted(blocks)), {n: 100 for n in blocks})
+    assert r.stats()["scan"] == "bfloat16"
+    assert r.remove("t00")
+    new = cluster()
+    r.add("new", new)  # its rows go into the slots t00 left, scattered among the others
+    got = r.weights(new[:8].float())
+    assert all(w == {"new": 1} for w in got)
+    assert all("t00" not in w for w in r.weights(blocks["t00"][:8].float()))
+
+
 def test_fast_bfloat16_is_read_from_x86_features_not_timed(monkeypatch):
     import switchbank.knn as knn
 
