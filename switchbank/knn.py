@@ -239,7 +239,8 @@ class Exact:
                 self._lower(slice(start, min(start + self.BLOCK, at.stop)))
             return
         v = self._rows(at)
-        self.low[at] = v.to(torch.bfloat16)  # slot numbers index_put, which takes no other dtype
+        # a slice converts as it copies; slot numbers index_put, which takes no other dtype
+        self.low[at] = v if isinstance(at, slice) else v.to(torch.bfloat16)
         back = self.low[at].float()
         self.err[at, 1] = torch.linalg.vector_norm(back, dim=1)
         self.err[at, 0] = torch.linalg.vector_norm(back.sub_(v), dim=1)
