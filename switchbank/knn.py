@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 # torch before faiss: each wheel bundles its own libgomp, and with faiss's loaded first, building an
 # IVF index of 100,000 vectors took 3x as long on the machine measured (4.1 s against 11.7 s)
@@ -342,7 +343,9 @@ class Exact:
             d, pos = torch.topk(dist, m, dim=1, largest=False, sorted=True)
             return d.numpy(), self.ids[pos.numpy()]
         ql = q.to(torch.bfloat16)
-        approx = torch.sub(bias, ql @ self.low[:n].T, alpha=c)  # one pass, in float32
+        # the table as the product's input and the queries as its weight, as scores() does: 15 ms
+        # against 20-22 ms for ql @ low.T over 100,000 1280-d rows and 16 queries (AVX512-BF16)
+        approx = torch.sub(bias, F.linear(self.low[:n], ql).T, alpha=c)  # one pass, in float32
         short = torch.topk(approx, min(n, max(self.SHORTLIST, m)), dim=1, largest=False).indices
         exact = self._exact(q, short, c)
         kth = torch.topk(exact, m, dim=1, largest=False, sorted=True).values[:, -1]

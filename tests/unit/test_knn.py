@@ -1,5 +1,7 @@
 """The exact index's bfloat16 scan gives the answer of a float32 scan, near ties included."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -78,8 +80,10 @@ def test_the_slack_bounds_the_bfloat16_error():
     q = centre + 0.3 * torch.randn(16, 300, generator=g)
     ql, vl = q.to(torch.bfloat16), v.to(torch.bfloat16)
     err = torch.stack([torch.linalg.vector_norm(v - vl.float(), dim=1), torch.linalg.vector_norm(vl.float(), dim=1)], 1)
-    for c in (1.0, 2.0):
-        approx = -c * (ql @ vl.T).float()
+    # both orientations of the product (the index scans the table as the input, the queries as
+    # the weight), which accumulate in different orders
+    for c, product in itertools.product((1.0, 2.0), (ql @ vl.T, torch.nn.functional.linear(vl, ql).T)):
+        approx = -c * product.float()
         exact = -c * (q.double() @ v.double().T)
         off = (approx.double() - exact).abs().max(1).values
         bound = _slack(q, ql, err, c).double()
