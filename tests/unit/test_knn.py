@@ -189,3 +189,53 @@ def test_rows_kept_as_their_float16_source_answer_as_float32_rows_do(ip):
     assert small.scanning == "float32" and small.full is not None
     assert np.array_equal(small.vectors(), x[:1000])
     assert Exact(48, ip, capacity=1000).full is not None  # a table that starts small: float32 rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_adds_and_removes_answer_as_a_float32_table_does(seed):
+    """Adds (with and without a float16 form, new ids and ids already held), removes and searches
+    in random order, on a bfloat16 scan with rows kept compact against one holding float32 rows."""
+    g = np.random.default_rng(seed)
+    ip = bool(seed % 2)
+    compact, plain = Exact(32, ip, scan="bfloat16"), Exact(32, ip, scan="bfloat16")
+    plain._to_float32()
+    compact.WIDE = 40 if seed >= 4 else 10_000  # the last sequences turn the table float32 on the way
+    held: dict[int, np.ndarray] = {}
+    for step in range(60):
+        op = g.random()
+        if op < 0.55 or not held:
+            with_half = g.random() < 0.8
+            n = int(g.integers(1, 200 if with_half or seed >= 4 else 30))
+            ids = g.choice(1000, n, replace=False)  # some of them held already: replaced in place
+            half = (2 * g.normal(size=(n, 32))).astype(np.float16)
+            x = torch.from_numpy(half).float().numpy()
+            norms = None
+            if ip:
+                norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+                x, norms = x / norms, norms[:, 0]
+            for index in (compact, plain):
+                if with_half:
+                    index.add(ids, x, norms, half)
+                else:
+                    index.add(ids, x)
+            held.update(zip(ids.tolist(), x))
+        elif op < 0.85:
+            gone = g.choice(sorted(held), min(len(held), int(g.integers(1, 150))), replace=False)
+            for index in (compact, plain):
+                index.remove(gone)
+            for i in gone.tolist():
+                del held[i]
+        else:
+            q = g.normal(size=(8, 32)).astype(np.float32)
+            if ip:
+                q /= np.linalg.norm(q, axis=1, keepdims=True)
+            m = min(10, len(held))
+            (d1, i1), (d2, i2) = compact.search(q, m), plain.search(q, m)
+            assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+            assert set(i1.ravel().tolist()) <= set(held)
+        assert compact.ntotal == plain.ntotal == len(held)
+    assert (compact.full is None) == (seed < 4) and (seed >= 4 or compact.wide)
+    ids = np.array(sorted(held))
+    assert np.array_equal(compact.vectors(), plain.vectors())
+    slots = [compact.slot[i] for i in ids]
+    assert np.array_equal(compact._rows(torch.tensor(slots)).numpy(), np.stack([held[i] for i in ids]))
