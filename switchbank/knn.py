@@ -138,11 +138,11 @@ class Exact:
     float16 rows they were made from (``half``, from a switch file of format version 2: x = half /
     norm) are kept as those and their norms, and read back as x to the bit: half the bytes of
     float32 rows (100,000 1280-d vectors: 256 against 512 MB). Rows without that form (older files,
-    switches made in memory) are kept aside in float32, and past a few thousand of them (and an
-    eighth of the table) the whole table turns float32, as it does if the scan turns out float32.
-    Past ``SMALL`` vectors, on a CPU whose
-    bfloat16 products are fast (:func:`bf16_fast`), the scan runs on a bfloat16 copy of the table:
-    half the bytes, and 5x faster than the float32 product on the machine measured (100,000
+    switches made in memory) are kept aside in float32; past ``WIDE`` of them the whole table turns
+    float32, as it does if the scan turns out float32.
+
+    Past ``SMALL`` vectors, on a CPU whose bfloat16 products are fast (:func:`bf16_fast`), the scan
+    runs on a bfloat16 copy of the table: half the bytes, and 5x faster than the float32 product on the machine measured (100,000
     1280-d vectors, 16 queries: 12.5 ms against 61 ms, measured before the float32 scan took
     :func:`scores`'s faster orientation). The ``SHORTLIST`` best of that scan are
     scored in float32; then a bound on the bfloat16 error (:func:`_slack`) picks every other vector
@@ -159,15 +159,14 @@ class Exact:
     # of 4,096 and 0.05-0.06 s in steps of 1,024, whose temporaries (5 MB) stay in cache
     BLOCK = 1024
     SHORTLIST = 64  # vectors scored in float32 per query before the bound is checked
-
-    WIDE = 4096  # rows without a float16 form kept aside before the table turns float32 (at least)
+    WIDE = 4096  # rows without a float16 form kept aside at most (20 MB at 1280-d)
 
     def __init__(self, dim: int, ip: bool, capacity: int = 0, scan: str = "auto"):
         if scan not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"scan must be auto, float32 or bfloat16, got {scan!r}")
         self.dim, self.ip, self.scan = dim, ip, scan
         # float16 rows and their scales (x = half / scale) where the scan will be bfloat16, else
-        # float32 rows; a table that starts small decides when it is rebuilt
+        # float32 rows (a table that starts small keeps them until the router rebuilds it)
         compact = scan == "bfloat16" or (scan == "auto" and capacity > self.SMALL and bf16_fast())
         self.half = torch.empty((capacity, dim), dtype=torch.float16) if compact else None
         self.scale = torch.empty(capacity) if compact else None
@@ -210,13 +209,14 @@ class Exact:
         if self.full is not None:
             return pick(self.full)
         rows = pick(self.half).float().div_(pick(self.scale).unsqueeze(1))
-        if self.wide:
-            if isinstance(at, slice):
+        if self.wide:  # whichever is shorter: the rows aside, or the slots asked for
+            if isinstance(at, slice) and len(self.wide) < at.stop - at.start:
                 for slot, row in self.wide.items():
                     if at.start <= slot < at.stop:
                         rows[slot - at.start] = row
             else:
-                for i, slot in enumerate(at.tolist()):
+                asked = range(at.start, at.stop) if isinstance(at, slice) else at.tolist()
+                for i, slot in enumerate(asked):
                     row = self.wide.get(slot)
                     if row is not None:
                         rows[i] = row
@@ -274,7 +274,7 @@ class Exact:
             if self.wide:
                 for slot in slots:
                     self.wide.pop(slot, None)
-        elif self.full is None and len(self.wide) + len(slots) <= max(self.WIDE, self.used // 8):
+        elif self.full is None and len(self.wide) + len(slots) <= self.WIDE:
             own = rows.clone()  # the caller's array may be shared
             self.half[at], self.scale[at] = 0.0, 1.0
             self.wide.update(zip(slots, own))

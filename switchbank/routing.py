@@ -39,11 +39,11 @@ METRICS = ("l2", "cosine")
 # a batch of 16 takes 18-24 ms over 100,000 1280-d vectors (bfloat16 scan checked in float32), where
 # the IVF index takes 9-11 ms but gives the exact answer's weights on only 97% of the demo's held-out
 # images (bench.router_index); at 200,000 the exact index holds 1-1.5 GB (four bytes a dimension, six
-# for switch files older than format version 2) and scans in about two demo-tower forwards. Where it is not (AVX2 without AVX512-BF16), a batch of 16
-# over the float32 scan (knn.scores) took 9.3 ms at 20,000 vectors, 16 ms at 40,000, 29 ms at 70,000
-# and 45 ms at 100,000, against the IVF index's 21-25 ms at every one of those sizes (which it holds
-# by scanning about 9,000 vectors a query, knn.ivf_nprobe), with 99.4-99.8% of the exact weights
-# from 40,000 on; so the limit is 60,000.
+# for switch files older than format version 2) and scans in about two demo-tower forwards. Where it
+# is not (AVX2 without AVX512-BF16), a batch of 16 over the float32 scan (knn.scores) took 9.3 ms
+# at 20,000 vectors, 16 ms at 40,000, 29 ms at 70,000 and 45 ms at 100,000, against the IVF index's
+# 21-25 ms at every one of those sizes (which it holds by scanning about 9,000 vectors a query,
+# knn.ivf_nprobe), with 99.4-99.8% of the exact weights from 40,000 on; so the limit is 60,000.
 EXACT_MAX = 200_000
 EXACT_MAX_FLOAT32 = 60_000
 TRAIN = 20_000  # vectors an IVF index is trained on

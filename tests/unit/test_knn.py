@@ -176,7 +176,7 @@ def test_rows_kept_as_their_float16_source_answer_as_float32_rows_do(ip):
         index.add(ids[1100:1300], x[1100:1300], None if norms is None else norms[1100:1300], half[1100:1300])
     assert compact.full is None and len(compact.wide) == 200
     same()
-    compact.WIDE = 100  # past its share of the table the rest turns float32 too
+    compact.WIDE = 100  # past WIDE rows aside the whole table turns float32
     more = g.normal(size=(900, 48)).astype(np.float32)
     for index in (compact, plain):
         index.add(np.arange(900) * 3 + 200_000, more)
