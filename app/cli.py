@@ -27,6 +27,8 @@ def serve(args) -> int:
             os.environ[f"SWITCHBANK_{key.upper()}"] = str(val)
     gc.disable()  # until the server is ready, when it freezes what start-up loaded (app/serve.py)
     try:
+        from .logs import setup
+        setup()  # before the imports below, so that what they log comes out as JSON lines too
         from .main import create_app
         from .serve import server
         from .settings import Settings

@@ -33,6 +33,11 @@ def setup(level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # library warnings as log lines too, not bare text on stderr
+    # faiss's loader reports at INFO each instruction-set build it tries, including those a wheel
+    # that dispatches at run time does not ship ("Could not load library ... ModuleNotFoundError"),
+    # which reads like a failure
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

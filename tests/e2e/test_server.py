@@ -1,5 +1,6 @@
 """The real server process on a loopback port, driven through the Python client."""
 
+import json
 import os
 import signal
 import socket
@@ -170,3 +171,12 @@ def test_token_never_reaches_the_logs(server):
     assert TOKEN not in log  # ...without their credentials
     metrics = client._http.get("/metrics").text + str(client.switches())
     assert TOKEN not in metrics
+
+
+def test_every_line_the_server_writes_is_a_json_object(server):
+    _, _, tmp = server
+    lines = [line for line in (tmp / "server.log").read_text().splitlines() if line.strip()]
+    assert lines
+    for line in lines:
+        assert isinstance(json.loads(line), dict), line
+    assert not any('"logger": "faiss.loader"' in line for line in lines)
