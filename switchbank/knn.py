@@ -142,15 +142,14 @@ class Exact:
     float32, as it does if the scan turns out float32.
 
     Past ``SMALL`` vectors, on a CPU whose bfloat16 products are fast (:func:`bf16_fast`), the scan
-    runs on a bfloat16 copy of the table: half the bytes, and 5x faster than the float32 product on the machine measured (100,000
-    1280-d vectors, 16 queries: 12.5 ms against 61 ms, measured before the float32 scan took
-    :func:`scores`'s faster orientation). The ``SHORTLIST`` best of that scan are
-    scored in float32; then a bound on the bfloat16 error (:func:`_slack`) picks every other vector
-    that could still be among the m nearest, and those are scored in float32 too. So the answer is
-    that of a float32 scan, and the extra scoring is only as large as the near ties are many. (Those
-    float32 scores sum the same products in another order than :func:`scores` does, so two vectors
-    within float32 rounding of each other may swap: 1 of 977 held-out images on a bank of 100,000
-    vectors, whose 10th and 11th nearest were 1e-7 apart.)
+    runs on a bfloat16 copy of the table: half the bytes, and 2-3x faster than the float32 scan on
+    the machine measured. The ``SHORTLIST`` best of that scan are scored in float32; then a bound on
+    the bfloat16 error (:func:`_slack`) picks every other vector that could still be among the m
+    nearest, and those are scored in float32 too. So the answer is that of a float32 scan, and the
+    extra scoring is only as large as the near ties are many. (Those float32 scores sum the same
+    products in another order than :func:`scores` does, so two vectors within float32 rounding of
+    each other may swap: 1 of 977 held-out images on a bank of 100,000 vectors, whose 10th and 11th
+    nearest were 1e-7 apart.)
     """
 
     kind = "exact"
