@@ -33,7 +33,7 @@ def serve(args) -> int:
         from .serve import server
         from .settings import Settings
         settings = Settings()
-        server(create_app(settings), settings, args.host, args.port).run()
+        server(create_app(settings, configure_logging=False), settings, args.host, args.port).run()
     finally:
         gc.enable()
     return 0

@@ -283,7 +283,7 @@ class Recent:
         self.size, self.blocks = size, {}
 
     def get(self, raw: bytes | bytearray, dtype, shape):
-        key = (dtype, shape, hash(bytes(raw[:4096])))
+        key = (dtype, shape, hash(bytes(memoryview(raw)[:4096])))
         hit = self.blocks.get(key)
         return key, (hit[1] if hit is not None and hit[0] == raw else None)
 
