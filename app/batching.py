@@ -1,8 +1,10 @@
 """An asyncio micro-batcher in front of the engine, with a bounded queue.
 
 Concurrent requests are gathered until the batch is full or the wait is over, then run together on
-one worker thread; the engine routes and groups them per request. When the queue is full the caller
-is told at once (503) instead of waiting without bound.
+one worker thread; the engine routes and groups them per request. A batch waits to fill only while
+other requests are on their way (being read or decoded, see :meth:`MicroBatcher.arriving`): a lone
+request runs at once. When the queue is full the caller is told at once (503) instead of waiting
+without bound.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +43,17 @@ class MicroBatcher:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="switchbank-engine")
         self.on_batch = on_batch
         self._task: asyncio.Task | None = None
+        self._arriving = 0  # requests being read or decoded, which will be submitted soon
+
+    @contextmanager
+    def arriving(self):
+        """Bracket the reading and decoding of a request that will then be submitted (call submit
+        after the block): while any is open, a new batch waits up to ``max_wait`` for company."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     def depth(self) -> int:
         return self.queue.qsize()
@@ -68,7 +82,10 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
+            # With no other request on its way, waiting for company only delays this batch: a lone
+            # request over HTTP took 26 ms at the median with the 4 ms wait and 21-22 ms without
+            # it, while batches under load filled as before (bench.http, alternating runs).
+            deadline = loop.time() + (self.max_wait if self._arriving else 0.0)
             while len(batch) < self.max_batch:
                 try:
                     batch.append(self.queue.get_nowait())

@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 
+import torch
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -118,11 +119,18 @@ def _prediction(res: Result, top_k: int) -> Prediction:
     return Prediction(mode=res.mode, head=res.head, weights=res.weights, predictions=labels)
 
 
-async def _classify(request: Request, data: bytes, opts: PredictOptions) -> Prediction:
+async def _decode(request: Request, data: bytes) -> torch.Tensor:
     state = request.app.state
     async with state.decode_slots:  # bounds the memory and CPU that decoding can take at once
-        tensor = await run_in_threadpool(prepare, data, state.engine.backbone.preprocess,
-                                         state.settings.max_image_pixels)
+        return await run_in_threadpool(prepare, data, state.engine.backbone.preprocess, state.settings.max_image_pixels)
+
+
+async def _decode_b64(request: Request, data: str, where: str) -> torch.Tensor:
+    return await _decode(request, _b64(data, where))
+
+
+async def _classify(request: Request, tensor: torch.Tensor, opts: PredictOptions) -> Prediction:
+    state = request.app.state
     res = await state.batcher.submit(tensor, _route(opts))
     state.metrics.predictions.labels(res.mode).inc()
     return _prediction(res, opts.top_k)
@@ -131,18 +139,20 @@ async def _classify(request: Request, data: bytes, opts: PredictOptions) -> Pred
 @router.post("/predict", response_model=PredictResponse, responses=ERRORS, openapi_extra=PREDICT_BODY,
              summary="Classify one image with a named task, explicit weights, or Auto-Switch routing")
 async def predict(request: Request) -> PredictResponse:
-    data, opts = await _parse_single(request)
-    pred = await _classify(request, data, opts)
+    with request.app.state.batcher.arriving():
+        data, opts = await _parse_single(request)
+        tensor = await _decode(request, data)
+    pred = await _classify(request, tensor, opts)
     return PredictResponse(request_id=request.state.request_id, **pred.model_dump())
 
 
 BATCH_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": BatchJSON.model_json_schema()}}}}
 
 
-async def _item(request: Request, i: int, item) -> Prediction:
-    """One batch item; its errors name its index."""
+async def _item(i: int, step):
+    """One batch item's step (a coroutine); its errors name the item's index."""
     try:
-        return await _classify(request, _b64(item.image, f"items[{i}].image"), item)
+        return await step
     except BadRequest as exc:
         exc.message = exc.message if exc.message.startswith(f"items[{i}]") else f"items[{i}]: {exc.message}"
         raise
@@ -155,9 +165,13 @@ async def _item(request: Request, i: int, item) -> Prediction:
 async def predict_batch(request: Request) -> BatchResponse:
     if content_type(request) != "application/json":
         raise BadRequest("send application/json: {\"items\": [{\"image\": base64, ...}, ...]}", 415)
-    body = await _read_json(request, BatchJSON)
-    limit = request.app.state.settings.batch_items
-    if len(body.items) > limit:
-        raise BadRequest(f"at most {limit} items per batch request, got {len(body.items)}", 413)
-    preds = await asyncio.gather(*(_item(request, i, item) for i, item in enumerate(body.items)))
+    with request.app.state.batcher.arriving():
+        body = await _read_json(request, BatchJSON)
+        limit = request.app.state.settings.batch_items
+        if len(body.items) > limit:
+            raise BadRequest(f"at most {limit} items per batch request, got {len(body.items)}", 413)
+        items = list(enumerate(body.items))
+        tensors = await asyncio.gather(*(_item(i, _decode_b64(request, it.image, f"items[{i}].image"))
+                                         for i, it in items))
+    preds = await asyncio.gather(*(_item(i, _classify(request, t, it)) for (i, it), t in zip(items, tensors)))
     return BatchResponse(request_id=request.state.request_id, results=list(preds))

@@ -236,14 +236,15 @@ def _outputs(req: dict, results: list[Result]) -> list[tuple]:
 async def _infer(request: Request, name: str) -> Response:
     state = request.app.state
     _model(state, name)
-    body = await request.body()
-    h, w = _image_size(state)
-    req, tensors = parse_request(body, request.headers.get(HEADER), state.settings.batch_items * 3 * h * w)
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object", 400)
-    route = _route(state, name, params)
-    images = await _images(state, tensors)
+    with state.batcher.arriving():
+        body = await request.body()
+        h, w = _image_size(state)
+        req, tensors = parse_request(body, request.headers.get(HEADER), state.settings.batch_items * 3 * h * w)
+        params = req.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("'parameters' must be an object", 400)
+        route = _route(state, name, params)
+        images = await _images(state, tensors)
     results = await asyncio.gather(*(state.batcher.submit(x, route) for x in images))
     for r in results:
         state.metrics.predictions.labels(r.mode).inc()

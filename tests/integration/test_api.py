@@ -101,6 +101,8 @@ def test_bad_bodies(client):
     r = client.post("/v1/predict", content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert r.status_code == 413
     assert client.get("/readyz").status_code == 200  # still healthy
+    # no failed request is still counted as on its way (which would hold every later batch)
+    assert client.app.state.batcher._arriving == 0
 
 
 def test_public_switch_list(client):

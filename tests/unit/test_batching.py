@@ -61,3 +61,47 @@ def test_full_queue_answers_overloaded():
         return done
 
     assert len(asyncio.run(main())) == 3
+
+
+def test_lone_request_runs_at_once():
+    # nothing else is on its way: the batch does not sit out its 30 s wait for company
+    async def main():
+        eng = FakeEngine()
+        b = MicroBatcher(eng, max_batch=8, max_wait_s=30, queue_limit=32, timeout_s=60)
+        b.start()
+        out = await asyncio.wait_for(b.submit(torch.zeros(3, 2, 2), Route(task="ok")), 10)
+        await b.stop()
+        return eng, out
+
+    eng, out = asyncio.run(main())
+    assert eng.batches == [1] and out.head == "ok"
+
+
+def test_batch_waits_for_a_request_on_its_way():
+    async def main():
+        eng = FakeEngine()
+        b = MicroBatcher(eng, max_batch=2, max_wait_s=30, queue_limit=32, timeout_s=60)
+        b.start()
+        with b.arriving():  # a second request is being read and decoded
+            first = asyncio.create_task(b.submit(torch.zeros(3, 2, 2), Route(task="ok")))
+            await asyncio.sleep(0.2)
+            assert not first.done() and not eng.batches  # its batch waits for the second
+        second = await asyncio.wait_for(b.submit(torch.ones(3, 2, 2), Route(task="ok")), 10)
+        await first
+        await b.stop()
+        return eng, first.result(), second
+
+    eng, first, second = asyncio.run(main())
+    assert eng.batches == [2]
+    assert (float(first.probs[0]), float(second.probs[0])) == (0.0, 1.0)
+
+
+def test_arriving_is_released_when_reading_fails():
+    async def main():
+        b = MicroBatcher(FakeEngine(), max_batch=8, max_wait_s=30, queue_limit=32, timeout_s=60)
+        with pytest.raises(ValueError):
+            with b.arriving():
+                raise ValueError("not an image")
+        return b._arriving
+
+    assert asyncio.run(main()) == 0
