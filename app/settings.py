@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     router_metric: Literal["l2", "cosine"] = Field(
         "l2", description="k-NN distance: l2 (the paper's, on raw embeddings) or cosine")
     batch_size: int = Field(16, ge=1, le=1024, description="largest micro-batch")
-    batch_wait_ms: float = Field(4.0, ge=0, le=1000, description="how long a micro-batch waits to fill")
+    batch_wait_ms: float = Field(4.0, ge=0, le=1000, description=(
+        "how long a micro-batch waits to fill while other requests are being read or decoded (a lone request runs at once)"))
     cache_bytes: int = Field(2 << 30, ge=1 << 20, description="delta cache budget in bytes")
     hot_after: int = Field(2, ge=0, le=1000, description=(
         "a combination gets a cached merged tower once it has appeared in this many recent batches "
