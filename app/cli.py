@@ -4,8 +4,10 @@ runs this service. The library's own parser knows nothing of the service."""
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 
 def add_serve(sub) -> None:
@@ -29,22 +31,42 @@ def serve(args) -> int:
     try:
         from .logs import setup
         setup()  # before the imports below, so that what they log comes out as JSON lines too
+        engine_thread = _engine_thread or _start_engine_thread()
+        # the server's modules too: some run oneDNN probes as they load (switchbank.mixed_ops)
+        engine_thread.submit(importlib.import_module, "app.main").result()
         from .main import create_app
         from .serve import server
         from .settings import Settings
         settings = Settings()
-        server(create_app(settings, configure_logging=False), settings, args.host, args.port).run()
+        app = create_app(settings, configure_logging=False, engine_thread=engine_thread)
+        server(app, settings, args.host, args.port).run()
     finally:
         gc.enable()
     return 0
+
+
+_engine_thread: ThreadPoolExecutor | None = None
+
+
+def _start_engine_thread() -> ThreadPoolExecutor:
+    """The server's engine thread, with torch imported on it. torch starts an OpenMP team for the
+    thread that imports it, kept as long as that thread lives: imported on the main thread, which
+    runs the event loop, there would be a team there beside the engine's, and with two teams GNU
+    OpenMP stops its idle workers spinning (see app.batching.engine_thread)."""
+    engine = ThreadPoolExecutor(1, thread_name_prefix="switchbank-engine")
+    engine.submit(importlib.import_module, "torch").result()
+    return engine
 
 
 def main(argv: list[str] | None = None) -> int:
     # Importing torch here, and open_clip and the rest in `serve`, creates about half a million
     # objects that live as long as the process: with the cyclic collector walking them again and
     # again as they piled up, importing the server took 0.6 s longer (3.2 s in all on a 2-core CPU).
+    global _engine_thread
     gc.disable()
     try:
+        if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
+            _engine_thread = _start_engine_thread()  # before the import below brings torch in
         from switchbank import cli
     finally:
         gc.enable()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import hashlib
 import logging
 import os
@@ -21,6 +22,7 @@ from switchbank.engine import Engine
 from switchbank.errors import SwitchBankError
 
 from . import errors, logs
+from . import batching
 from .batching import MicroBatcher
 from .metrics import Metrics
 from .middleware import RequestContext
@@ -99,12 +101,17 @@ async def _watch_bank(app: FastAPI) -> None:
 async def lifespan(app: FastAPI):
     state = app.state
     s: Settings = state.settings
-    state.bank, state.engine = await run_in_threadpool(_load, s)
+    engine_thread = getattr(state, "engine_thread", None) or batching.engine_thread()
+    try:  # loaded on the thread that will run its batches (see batching.engine_thread)
+        state.bank, state.engine = await asyncio.get_running_loop().run_in_executor(engine_thread, _load, s)
+    except BaseException:
+        engine_thread.shutdown(wait=False)
+        raise
     state.engine.on_materialise = state.metrics.materialise.observe
     state.engine.resident.on_load = state.metrics.switch_load.observe
     state.batcher = MicroBatcher(state.engine, max_batch=s.batch_size, max_wait_s=s.batch_wait_ms / 1000,
                                  queue_limit=s.queue_limit, timeout_s=s.request_timeout,
-                                 on_batch=state.metrics.batch_size.observe)
+                                 on_batch=state.metrics.batch_size.observe, executor=engine_thread)
     state.batcher.start()
     state.decode_slots = asyncio.Semaphore(s.decode_concurrency)
     watcher = asyncio.create_task(_watch_bank(app))
@@ -120,7 +127,10 @@ async def lifespan(app: FastAPI):
         await state.batcher.stop()
 
 
-def create_app(settings: Settings | None = None, *, configure_logging: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None, *, configure_logging: bool = True,
+               engine_thread: ThreadPoolExecutor | None = None) -> FastAPI:
+    """The app; ``engine_thread``: the single-thread executor that will load and run the engine, where
+    the caller made it already (``switchbank serve`` imports torch on it: see app/cli.py)."""
     settings = settings or Settings()
     use_huge_pages()  # before the lifespan loads the backbone
     if configure_logging:
@@ -128,6 +138,7 @@ def create_app(settings: Settings | None = None, *, configure_logging: bool = Tr
     app = FastAPI(title="switchbank", version=__version__, lifespan=lifespan,
                   description="Many fine-tuned vision models from one backbone, with binary task switches.")
     app.state.settings = settings
+    app.state.engine_thread = engine_thread
     app.state.ready = False
     app.state.metrics = Metrics(app.state)
     errors.install(app)

@@ -19,6 +19,7 @@ import open_clip
 import torch
 from torch.func import functional_call
 
+from .preprocess import Preprocess
 from .checkpoints import fingerprint, image_tower, read_state_dict
 from .errors import Incompatible, SwitchBankError
 
@@ -224,7 +225,7 @@ def load_backbone(arch: str, weights: str | Path | None = None, device: str = "a
         embed_dim = int(visual(probe).shape[-1])
     log.info("backbone %s on %s (%s), fingerprint %s", arch, dev, dt, fp[:19])
     return Backbone(
-        arch=arch, model=visual, preprocess=preprocess,
+        arch=arch, model=visual, preprocess=Preprocess(preprocess),
         params=dict(visual.named_parameters()), buffers=dict(visual.named_buffers()),
         fingerprint=fp, embed_dim=embed_dim, device=dev, dtype=dt,
         channels_last=dev.type == "cpu",  # not measured on a GPU, so left off there

@@ -192,9 +192,10 @@ async def _images(state, tensors) -> list[torch.Tensor]:
     h, w = _image_size(state)
     if t.datatype != "FP32" or len(t.shape) != 4 or t.shape[1:] != [3, h, w] or not 1 <= t.shape[0] <= limit:
         raise BadRequest(f"PIXELS must be FP32 [N, 3, {h}, {w}] with 1 <= N <= {limit}", 400)
-    x = torch.from_numpy(np.ascontiguousarray(t.value, dtype=np.float32).reshape(t.shape))
-    if not torch.isfinite(x).all():
+    pixels = np.ascontiguousarray(t.value, dtype=np.float32).reshape(t.shape)
+    if not np.isfinite(pixels).all():  # numpy: torch would start an OpenMP team on this thread
         raise BadRequest("PIXELS holds NaN or infinite values", 400)
+    x = torch.from_numpy(pixels)
     return list(x)
 
 
