@@ -31,9 +31,8 @@ def serve(args) -> int:
     try:
         from .logs import setup
         setup()  # before the imports below, so that what they log comes out as JSON lines too
-        engine_thread = _engine_thread or _start_engine_thread()
-        # the server's modules too: some run oneDNN probes as they load (switchbank.mixed_ops)
-        engine_thread.submit(importlib.import_module, "app.main").result()
+        # the server's modules on the engine's thread too: some run oneDNN probes as they load
+        engine_thread = start_engine_thread("app.main", engine=_engine_thread)
         from .main import create_app
         from .serve import server
         from .settings import Settings
@@ -48,13 +47,15 @@ def serve(args) -> int:
 _engine_thread: ThreadPoolExecutor | None = None
 
 
-def _start_engine_thread() -> ThreadPoolExecutor:
-    """The server's engine thread, with torch imported on it. torch starts an OpenMP team for the
-    thread that imports it, kept as long as that thread lives: imported on the main thread, which
-    runs the event loop, there would be a team there beside the engine's, and with two teams GNU
-    OpenMP stops its idle workers spinning (see app.batching.engine_thread)."""
-    engine = ThreadPoolExecutor(1, thread_name_prefix="switchbank-engine")
-    engine.submit(importlib.import_module, "torch").result()
+def start_engine_thread(*modules: str, engine: ThreadPoolExecutor | None = None) -> ThreadPoolExecutor:
+    """The server's engine thread (``engine``, or a new one), with torch and ``modules`` imported on
+    it. torch starts an OpenMP team for the thread that imports it, and oneDNN probes that run as
+    switchbank.mixed_ops loads start one too; a team lasts as long as its thread. Imported on the
+    main thread, which runs the event loop, there would be a team there beside the engine's, and
+    with two teams GNU OpenMP stops its idle workers spinning (see app.batching.engine_thread)."""
+    engine = engine or ThreadPoolExecutor(1, thread_name_prefix="switchbank-engine")
+    for name in ("torch", *modules):
+        engine.submit(importlib.import_module, name).result()
     return engine
 
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.disable()
     try:
         if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
-            _engine_thread = _start_engine_thread()  # before the import below brings torch in
+            _engine_thread = start_engine_thread()  # before the import below brings torch in
         from switchbank import cli
     finally:
         gc.enable()

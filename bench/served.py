@@ -15,19 +15,18 @@ import asyncio
 import sys
 import time
 
-import torch
-from fastapi import Request
+from fastapi import Request  # at module level: FastAPI resolves the route's annotations there
 
-from app.imaging import decode
-from app.main import create_app
-from app.settings import Settings
-from bench.common import demo_traffic
-from app.serve import server
-from switchbank.engine import Route
+from app.cli import start_engine_thread
 
 
 def in_process_rate(engine, reqs: list[tuple[bytes, dict]], batch: int, max_pixels: int) -> float:
     """Requests/s of decode + preprocess + engine.run over ``reqs`` in batches of ``batch``."""
+    import torch
+
+    from app.imaging import decode
+    from switchbank.engine import Route
+
     def run(chunk):
         x = torch.stack([engine.backbone.preprocess(decode(png, max_pixels)) for png, _ in chunk])
         engine.run(x, [Route(task=f.get("task")) for _, f in chunk])
@@ -44,8 +43,15 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--bank")
     args = ap.parse_args(argv)
+    # as `switchbank serve` does: torch and the server's modules imported on the engine's thread
+    engine_thread = start_engine_thread("app.main", "bench.common")
+    from app.main import create_app
+    from app.serve import server
+    from app.settings import Settings
+    from bench.common import demo_traffic
+
     settings = Settings(**({"bank": args.bank} if args.bank else {}))
-    app = create_app(settings)
+    app = create_app(settings, engine_thread=engine_thread)
     traffic: dict[tuple, list] = {}
 
     @app.post("/bench/in-process")
@@ -54,12 +60,12 @@ def main(argv=None) -> int:
         spec = await request.json()
         per_task = spec.get("per_task")
         key = (int(spec["requests"]), None if per_task is None else int(per_task), int(spec.get("seed", 0)))
-        if key not in traffic:
-            traffic[key] = demo_traffic(*key)
         state = request.app.state
-        rate = await asyncio.get_running_loop().run_in_executor(
-            state.batcher.executor, in_process_rate, state.engine, traffic[key], settings.batch_size,
-            settings.max_image_pixels)
+        loop = asyncio.get_running_loop()
+        if key not in traffic:  # on the engine's thread too, since it makes tensors
+            traffic[key] = await loop.run_in_executor(state.batcher.executor, demo_traffic, *key)
+        rate = await loop.run_in_executor(state.batcher.executor, in_process_rate, state.engine, traffic[key],
+                                          settings.batch_size, settings.max_image_pixels)
         return {"rps": rate}
 
     server(app, settings, "127.0.0.1", args.port).run()
