@@ -37,9 +37,20 @@ class _Item:
 def engine_thread() -> ThreadPoolExecutor:
     """The single thread that runs the engine. torch's OpenMP keeps a team of threads per calling
     thread; with more than one team alive, GNU OpenMP stops the idle workers from spinning and each
-    small operation pays for waking them (the demo tower's batches of one took 30-50% longer), so
+    small operation pays for waking them (the demo tower's batches of one took about 40% longer), so
     the engine's work stays on one thread: loading, warming up and every batch."""
     return ThreadPoolExecutor(1, thread_name_prefix="switchbank-engine")
+
+
+async def run_apart(fn, *args):
+    """``fn(*args)`` on a thread of its own that ends with it, for torch work off the engine's thread
+    (a bank sync, an upload): a pooled thread would keep the OpenMP team it starts alive beside the
+    engine's (see engine_thread)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="switchbank-apart")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    finally:
+        pool.shutdown(wait=False)
 
 
 class MicroBatcher:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from starlette.concurrency import run_in_threadpool
 
 from switchbank import __version__
 from switchbank.backbone import load_backbone, use_huge_pages
@@ -21,9 +20,8 @@ from switchbank.bank import Bank
 from switchbank.engine import Engine
 from switchbank.errors import SwitchBankError
 
-from . import errors, logs
-from . import batching
-from .batching import MicroBatcher
+from . import batching, errors, logs
+from .batching import MicroBatcher, run_apart
 from .metrics import Metrics
 from .middleware import RequestContext
 from .routes import admin, health, predict, repository, switches, v2
@@ -92,7 +90,7 @@ async def _watch_bank(app: FastAPI) -> None:
     while True:
         await asyncio.sleep(state.settings.sync_seconds)
         try:
-            await run_in_threadpool(state.engine.sync, state.bank)
+            await run_apart(state.engine.sync, state.bank)
         except Exception:
             log.exception("bank sync failed; serving the previous set of switches")
 

@@ -4,8 +4,8 @@ Why: torch runs those two steps on an OpenMP team of the calling thread. A serve
 several threads, and once more than one thread owns a team (more OpenMP threads than cores), GNU
 OpenMP stops letting the engine's idle worker spin between operations and puts it to sleep instead:
 every small operation of a forward then pays for waking it. Measured on the demo tower, batches of
-one request: 7-9 ms for a named task and 15-17 ms with Auto-Switch while the engine's thread owned
-the only team, 10-13 and 21-26 ms once a second thread had one. numpy's arithmetic takes no team.
+one request: 7-8 ms for a named task and 14-18 ms with Auto-Switch while the engine's thread owned
+the only team, 10-13 and 20-27 ms once a second thread had one. numpy's arithmetic takes no team.
 The result is the same, bit for bit (tested against the torch steps).
 """
 

@@ -6,12 +6,12 @@ from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from switchbank.bank import check_name
 from switchbank.errors import InvalidInput, NotFound
 from switchbank.format import describe
 
+from ..batching import run_apart
 from ..errors import BadRequest
 from ..forms import content_type, form_file, read_form
 from ..schemas import ErrorResponse
@@ -52,7 +52,7 @@ def delete_switch(state, name: str) -> None:
 
 async def _store(request: Request, data: bytes, replace: bool, expect_name: str | None = None):
     state = request.app.state
-    sw, changed = await run_in_threadpool(store_switch, state, data, replace, expect_name)
+    sw, changed = await run_apart(store_switch, state, data, replace, expect_name)
     body = {"name": sw.name, "content_hash": sw.content_hash, "changed": changed, "generation": state.engine.generation}
     return JSONResponse(body, status_code=201 if changed else 200)
 
@@ -72,7 +72,7 @@ async def replace_switch(name: str, request: Request):
 @router.delete("/switches/{name}", summary="Remove a switch from the bank and stop serving it")
 async def delete(name: str, request: Request):
     state = request.app.state
-    await run_in_threadpool(delete_switch, state, name)
+    await run_apart(delete_switch, state, name)
     return {"name": name, "deleted": True, "generation": state.engine.generation}
 
 

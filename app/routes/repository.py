@@ -14,11 +14,11 @@ import binascii
 import json
 
 from fastapi import APIRouter, Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from switchbank.bank import check_name
 from switchbank.errors import NotFound
 
+from ..batching import run_apart
 from ..errors import BadRequest
 from ..schemas import ErrorResponse
 from ..security import require_admin
@@ -77,7 +77,7 @@ async def load(name: str, request: Request) -> dict:
         data = base64.b64decode(files[0], validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest("the switch file is not valid base64", 400) from None
-    await run_in_threadpool(store_switch, state, data, True, name)
+    await run_apart(store_switch, state, data, True, name)
     return {}
 
 
@@ -85,5 +85,5 @@ async def load(name: str, request: Request) -> dict:
 async def unload(name: str, request: Request) -> dict:
     if name == AUTO:
         raise BadRequest(f"model {AUTO!r} is the router over every switch; unload switches instead", 400)
-    await run_in_threadpool(delete_switch, request.app.state, name)
+    await run_apart(delete_switch, request.app.state, name)
     return {}
