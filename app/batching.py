@@ -22,6 +22,7 @@ from switchbank.engine import Engine, Result, Route
 from switchbank.errors import SwitchBankError
 
 from .errors import Overloaded
+from .threads import engine_thread
 
 log = logging.getLogger("switchbank.batching")
 
@@ -34,32 +35,13 @@ class _Item:
     enqueued: float
 
 
-def engine_thread() -> ThreadPoolExecutor:
-    """The single thread that runs the engine. torch's OpenMP keeps a team of threads per calling
-    thread; with more than one team alive, GNU OpenMP stops the idle workers from spinning and each
-    small operation pays for waking them (the demo tower's batches of one took about 40% longer), so
-    the engine's work stays on one thread: loading, warming up and every batch."""
-    return ThreadPoolExecutor(1, thread_name_prefix="switchbank-engine")
-
-
-async def run_apart(fn, *args):
-    """``fn(*args)`` on a thread of its own that ends with it, for torch work off the engine's thread
-    (a bank sync, an upload): a pooled thread would keep the OpenMP team it starts alive beside the
-    engine's (see engine_thread)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="switchbank-apart")
-    try:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
-    finally:
-        pool.shutdown(wait=False)
-
-
 class MicroBatcher:
     def __init__(self, engine: Engine, *, max_batch: int, max_wait_s: float, queue_limit: int,
                  timeout_s: float, on_batch=None, executor: ThreadPoolExecutor | None = None):
         self.engine = engine
         self.max_batch, self.max_wait, self.timeout = max_batch, max_wait_s, timeout_s
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=queue_limit)
-        # one thread runs every batch (the app also loads the engine on it: see engine_thread)
+        # one thread runs every batch (the app also loads the engine on it: see app/threads.py)
         self.executor = executor or engine_thread()
         self.on_batch = on_batch
         self._task: asyncio.Task | None = None

@@ -4,7 +4,6 @@ runs this service. The library's own parser knows nothing of the service."""
 from __future__ import annotations
 
 import gc
-import importlib
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -31,32 +30,21 @@ def serve(args) -> int:
     try:
         from .logs import setup
         setup()  # before the imports below, so that what they log comes out as JSON lines too
-        # the server's modules on the engine's thread too: some run oneDNN probes as they load
-        engine_thread = start_engine_thread("app.main", engine=_engine_thread)
+        from .threads import engine_thread, import_on
+        engine = _engine_thread or engine_thread()
+        import_on(engine, "app.main")  # on the engine's thread too (see app/threads.py)
         from .main import create_app
         from .serve import server
         from .settings import Settings
         settings = Settings()
-        app = create_app(settings, configure_logging=False, engine_thread=engine_thread)
+        app = create_app(settings, configure_logging=False, engine_thread=engine)
         server(app, settings, args.host, args.port).run()
     finally:
         gc.enable()
     return 0
 
 
-_engine_thread: ThreadPoolExecutor | None = None
-
-
-def start_engine_thread(*modules: str, engine: ThreadPoolExecutor | None = None) -> ThreadPoolExecutor:
-    """The server's engine thread (``engine``, or a new one), with torch and ``modules`` imported on
-    it. torch starts an OpenMP team for the thread that imports it, and oneDNN probes that run as
-    switchbank.mixed_ops loads start one too; a team lasts as long as its thread. Imported on the
-    main thread, which runs the event loop, there would be a team there beside the engine's, and
-    with two teams GNU OpenMP stops its idle workers spinning (see app.batching.engine_thread)."""
-    engine = engine or ThreadPoolExecutor(1, thread_name_prefix="switchbank-engine")
-    for name in ("torch", *modules):
-        engine.submit(importlib.import_module, name).result()
-    return engine
+_engine_thread: ThreadPoolExecutor | None = None  # made by main() for `serve`, before torch is imported
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.disable()
     try:
         if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
-            _engine_thread = start_engine_thread()  # before the import below brings torch in
+            from .threads import engine_thread  # imports no torch itself
+            _engine_thread = engine_thread()  # before the import below brings torch in on this thread
         from switchbank import cli
     finally:
         gc.enable()

@@ -20,12 +20,14 @@ from switchbank.bank import Bank
 from switchbank.engine import Engine
 from switchbank.errors import SwitchBankError
 
-from . import batching, errors, logs
-from .batching import MicroBatcher, run_apart
+from . import errors, logs
+from .batching import MicroBatcher
 from .metrics import Metrics
 from .middleware import RequestContext
 from .routes import admin, health, predict, repository, switches, v2
 from .settings import DEFAULT_BANK, DEMO_COPY, Settings
+from .threads import engine_thread as new_engine_thread
+from .threads import run_apart
 
 log = logging.getLogger("switchbank.app")
 
@@ -99,8 +101,8 @@ async def _watch_bank(app: FastAPI) -> None:
 async def lifespan(app: FastAPI):
     state = app.state
     s: Settings = state.settings
-    engine_thread = getattr(state, "engine_thread", None) or batching.engine_thread()
-    try:  # loaded on the thread that will run its batches (see batching.engine_thread)
+    engine_thread = state.engine_thread or new_engine_thread()
+    try:  # loaded on the thread that will run its batches (see app/threads.py)
         state.bank, state.engine = await asyncio.get_running_loop().run_in_executor(engine_thread, _load, s)
     except BaseException:
         engine_thread.shutdown(wait=False)

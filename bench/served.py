@@ -17,7 +17,7 @@ import time
 
 from fastapi import Request  # at module level: FastAPI resolves the route's annotations there
 
-from app.cli import start_engine_thread
+from app.threads import engine_thread as new_engine_thread
 
 
 def in_process_rate(engine, reqs: list[tuple[bytes, dict]], batch: int, max_pixels: int) -> float:
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bank")
     args = ap.parse_args(argv)
     # as `switchbank serve` does: torch and the server's modules imported on the engine's thread
-    engine_thread = start_engine_thread("app.main", "bench.common")
+    engine_thread = new_engine_thread("app.main", "bench.common")
     from app.main import create_app
     from app.serve import server
     from app.settings import Settings

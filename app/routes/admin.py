@@ -11,11 +11,11 @@ from switchbank.bank import check_name
 from switchbank.errors import InvalidInput, NotFound
 from switchbank.format import describe
 
-from ..batching import run_apart
 from ..errors import BadRequest
 from ..forms import content_type, form_file, read_form
 from ..schemas import ErrorResponse
 from ..security import require_admin
+from ..threads import run_apart
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 408, 409, 413, 415, 422)})

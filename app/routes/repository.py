@@ -18,10 +18,10 @@ from fastapi import APIRouter, Depends, Request
 from switchbank.bank import check_name
 from switchbank.errors import NotFound
 
-from ..batching import run_apart
 from ..errors import BadRequest
 from ..schemas import ErrorResponse
 from ..security import require_admin
+from ..threads import run_apart
 from .admin import delete_switch, store_switch
 from .v2 import AUTO
 
