@@ -146,7 +146,10 @@ class Exact:
     norm) are kept as those and their norms, and read back as x to the bit: half the bytes of
     float32 rows (100,000 1280-d vectors: 256 against 512 MB). Rows without that form (older files,
     switches made in memory) are kept aside in float32; past ``WIDE`` of them the whole table turns
-    float32, as it does if the scan turns out float32.
+    float32, as it does if the scan turns out float32. A table that starts small holds float32
+    rows (the float32 scan reads them as they are) and keeps the float16 forms beside them; when it
+    grows past ``SMALL``, the add that crosses turns it compact and makes the bfloat16 copy, so a
+    bank grown by uploads holds what one loaded at start-up holds, and no search pays for the switch.
 
     Past ``SMALL`` vectors, on a CPU whose bfloat16 products are fast (:func:`bf16_fast`), the scan
     runs on a bfloat16 copy of the table: half the bytes, and 2-3x faster than the float32 scan on
@@ -186,6 +189,9 @@ class Exact:
         self.used = 0  # slots ever handed out: [0, used) is scanned
         self.low: torch.Tensor | None = None  # bfloat16 copy of the rows, once a scan uses it
         self.err: torch.Tensor | None = None  # per slot: |v - low|, |low|
+        # slot -> (float16 row, scale) of float32 rows that came with that form, while a small table
+        # may still turn compact (see add)
+        self._aside: dict[int, tuple[torch.Tensor, float]] = {}
 
     # --- storage -----------------------------------------------------------------------------
     def _grow(self, need: int) -> None:
@@ -288,16 +294,44 @@ class Exact:
         else:
             self._to_float32()
             self.full[at] = rows
+            if half is not None and self.low is None and self.scan == "auto" and bf16_fast():
+                h = torch.from_numpy(np.array(half, dtype=np.float16))
+                sc = [1.0] * len(slots) if norms is None else np.asarray(norms, dtype=np.float32).tolist()
+                self._aside.update(zip(slots, zip(h, sc)))
+            else:
+                for slot in slots:
+                    self._aside.pop(slot, None)
         self.bias[at] = 0.0 if self.ip else (rows * rows).sum(1)
         self.ids[at if isinstance(at, slice) else at.numpy()] = ids
         if self.low is not None:
             self._lower(at)
+        elif self._aside and self.used > self.SMALL:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Turn a float32 table that has grown past ``SMALL`` compact (the rows that came without a
+        float16 form kept aside, if they are few enough) and make its bfloat16 copy."""
+        aside, self._aside = self._aside, {}
+        live = np.flatnonzero(self.ids[:self.used] >= 0).tolist()
+        bare = [s for s in live if s not in aside]
+        if len(bare) > self.WIDE:
+            return  # stays float32, as a table with many such rows does
+        cap, n = self.bias.shape[0], self.used
+        half, scale = torch.empty((cap, self.dim), dtype=torch.float16), torch.empty(cap)
+        half[:n], scale[:n] = 0.0, 1.0  # free and bare slots: finite rows, never ranked (bias) or read
+        slots = torch.tensor(list(aside), dtype=torch.int64)
+        half[slots] = torch.stack([h for h, _ in aside.values()])
+        scale[slots] = torch.tensor([sc for _, sc in aside.values()])
+        self.wide = {s: self.full[s].clone() for s in bare}
+        self.half, self.scale, self.full = half, scale, None
+        self._use_bf16()
 
     def remove(self, ids) -> None:
         for i in ids:
             s = self.slot.pop(int(i), None)
             if s is not None:
                 self.wide.pop(s, None)
+                self._aside.pop(s, None)
                 self.bias[s] = float("inf")
                 self.ids[s] = -1
                 self.free.append(s)
@@ -315,7 +349,7 @@ class Exact:
         # slots never handed out are allocated but never written, so never resident
         rows = self.dim * 4 if self.full is not None else self.dim * 2 + 4
         per = rows + 4 + 8 + (self.dim * 2 + 8 if self.low is not None else 0)
-        return self.used * per + len(self.wide) * self.dim * 4
+        return self.used * per + len(self.wide) * self.dim * 4 + len(self._aside) * (self.dim * 2 + 4)
 
     # --- search ------------------------------------------------------------------------------
     @property

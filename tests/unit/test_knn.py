@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from switchbank import knn
 from switchbank.knn import Exact, _slack, bf16_scores
 
 
@@ -239,3 +240,60 @@ def test_random_adds_and_removes_answer_as_a_float32_table_does(seed):
     assert np.array_equal(compact.vectors(), plain.vectors())
     slots = [compact.slot[i] for i in ids]
     assert np.array_equal(compact._rows(torch.tensor(slots)).numpy(), np.stack([held[i] for i in ids]))
+
+
+@pytest.mark.parametrize("ip", [True, False])
+def test_a_table_that_starts_small_turns_compact_as_it_grows(ip, monkeypatch):
+    """A small table holds float32 rows; the add that takes it past SMALL turns it compact (rows
+    that came without a float16 form kept aside) and makes the bfloat16 copy, and every answer
+    stays that of a table holding float32 rows. With too many rows without that form it stays
+    float32."""
+    monkeypatch.setattr(knn, "bf16_fast", lambda: True)
+    g = np.random.default_rng(7)
+    half = (3 * g.normal(size=(1200, 48))).astype(np.float16)
+    x = torch.from_numpy(half).float().numpy()
+    norms = None
+    if ip:
+        norms = np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x, norms = x / norms, norms[:, 0]
+    bare = g.normal(size=(60, 48)).astype(np.float32)  # rows of files without float16 queries
+    if ip:
+        bare /= np.linalg.norm(bare, axis=1, keepdims=True)
+    ids = np.arange(len(x)) * 3 + 1
+    q = x[g.integers(0, len(x), 16)] + 0.05 * g.normal(size=(16, 48)).astype(np.float32)
+
+    def grow(wide: int):
+        grown, plain = Exact(48, ip), Exact(48, ip, scan="bfloat16")
+        grown.SMALL, grown.WIDE = 500, wide
+        plain._to_float32()
+        for index in (grown, plain):
+            index.add(np.arange(60) * 3 + 100_000, bare)
+        steps = list(np.array_split(np.arange(len(x)), 12))
+        for n, part in enumerate(steps):
+            for index in (grown, plain):
+                index.add(ids[part], x[part], None if norms is None else norms[part], half[part])
+                if n == 2:  # freed slots, some reused by the next additions
+                    index.remove(np.r_[ids[:40], np.arange(10) * 3 + 100_000])
+            if n == 3:  # still small: the float32 scan, whose sums run in another order
+                assert grown.full is not None and grown.low is None and grown.used <= 500
+                (d1, i1), (d2, i2) = grown.search(q, 10), plain.search(q, 10)
+                assert np.array_equal(i1, i2)
+                np.testing.assert_allclose(d1, d2, rtol=0, atol=1e-5 * (float(np.abs(d2).max()) + 1))
+        return grown, plain
+
+    grown, plain = grow(wide=100)
+    assert grown.full is None and grown.low is not None and grown.scanning == "bfloat16"
+    assert len(grown.wide) == 50 and not grown._aside
+    assert grown.nbytes() < 0.75 * plain.nbytes()
+    for index in (grown, plain):  # after the switch: added rows are lowered as they come
+        index.remove(ids[600:700])
+        index.add(ids[600:650], x[600:650], None if norms is None else norms[600:650], half[600:650])
+    assert np.array_equal(grown.vectors(), plain.vectors())
+    for m in (1, 10):
+        (d1, i1), (d2, i2) = grown.search(q, m), plain.search(q, m)
+        assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+
+    grown, plain = grow(wide=20)  # 50 rows without a float16 form: too many to keep aside
+    assert grown.full is not None and not grown._aside
+    (d1, i1), (d2, i2) = grown.search(q, 10), plain.search(q, 10)
+    assert np.array_equal(i1, i2) and np.array_equal(d1, d2)

@@ -1,0 +1,147 @@
+"""A bank grown over HTTP: uploads into a running server, one at a time, up to thousands of switches.
+
+    python -m bench.uploads [--switches 1000]
+
+Starts the real server (`switchbank serve`, cosine routing as the demo serves) on a copy of the demo
+bank, then uploads ``--switches`` distinct switches (made as bench.scale makes them: demo switches
+under new names, each with its own query embeddings) through `POST /v1/admin/switches`, timing each
+upload. Before and after, it sends the same held-out demo images (Auto-Switch) and records their
+latency, the answers and the server's resident memory. Then it starts a second server on the bank
+the uploads left and does the same, so that the router the uploads grew one switch at a time can be
+compared with one built at start-up: the answers must be equal (same routing weights, same top
+class), and memory and latency show what growing the router in place costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from bench.common import ROOT, free_port, md_table, start_server, wait_ready, write
+from bench.scale import synth_bank
+from bench.traffic import demo_pngs
+
+TOKEN = "bench-uploads"
+
+
+def ask(c: httpx.Client, pngs: list[bytes]) -> tuple[list[float], list[tuple]]:
+    """Auto-Switch answers for ``pngs``, one request at a time: latencies and (weights, top class)."""
+    lat, answers = [], []
+    for png in pngs:
+        t = time.perf_counter()
+        r = c.post("/v1/predict", files={"image": ("i.png", png)})
+        lat.append(time.perf_counter() - t)
+        r.raise_for_status()
+        body = r.json()
+        answers.append((sorted(body["weights"].items()), body["predictions"][0]["label"]))
+    return lat, answers
+
+
+def figures(lat: list[float], proc) -> dict:
+    return {"first_ms": 1000 * lat[0], "p50_ms": 1000 * statistics.median(lat[1:]),
+            "rss_mb": psutil.Process(proc.pid).memory_info().rss / 2**20}
+
+
+def run(n: int, work: Path, requests: int = 40) -> dict:
+    src = synth_bank(n + 6, work / "made", distinct=True)
+    demo_files = {p.name for p in (ROOT / "demo" / "bank" / "switches").iterdir()}
+    files = [p for p in sorted((src / "switches").iterdir()) if p.name not in demo_files][:n]
+    bank = work / "bank"
+    shutil.copytree(ROOT / "demo" / "bank", bank)
+    pngs = [png for _, png in demo_pngs()[::24][:requests]]  # spread over the six tasks
+
+    port = free_port()
+    proc = start_server(bank, port, router_metric="cosine", admin_token=TOKEN)
+    try:
+        wait_ready(port, proc, timeout=300)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            lat, _ = ask(c, pngs)
+            before = figures(lat, proc)
+            ups = []
+            for i, f in enumerate(files):
+                t = time.perf_counter()
+                r = c.post("/v1/admin/switches", files={"file": (f.name, f.read_bytes())})
+                ups.append(time.perf_counter() - t)
+                if r.status_code not in (200, 201):
+                    raise RuntimeError(f"upload {i} answered {r.status_code}: {r.text[:200]}")
+                if (i + 1) % max(1, n // 10) == 0:
+                    print(f"{i + 1} uploads, median {1000 * statistics.median(ups[-100:]):.1f} ms over the last 100",
+                          file=sys.stderr, flush=True)
+            lat, grown_answers = ask(c, pngs)
+            grown = figures(lat, proc)
+            grown["router"] = c.get("/v1/admin/cache").json()["router"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = start_server(bank, port, router_metric="cosine", admin_token=TOKEN)
+    try:
+        wait_ready(port, proc, timeout=300)
+        ready_s = time.perf_counter() - t0
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            lat, fresh_answers = ask(c, pngs)
+            fresh = figures(lat, proc)
+            fresh["ready_s"] = ready_s
+            fresh["router"] = c.get("/v1/admin/cache").json()["router"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+    tenth = max(1, n // 10)
+    return {"switches": n, "requests": requests, "before": before, "grown": grown, "restarted": fresh,
+            "upload_ms": {"median": 1000 * statistics.median(ups), "p99": 1000 * float(np.quantile(ups, 0.99)),
+                          "max": 1000 * max(ups),
+                          "median_first_tenth": 1000 * statistics.median(ups[:tenth]),
+                          "median_last_tenth": 1000 * statistics.median(ups[-tenth:])},
+            "answers_equal": sum(a == b for a, b in zip(grown_answers, fresh_answers))}
+
+
+def report(r: dict) -> str:
+    n, u = r["switches"], r["upload_ms"]
+    rows = []
+    for label, key in (("demo bank (6 switches), before the uploads", "before"),
+                       (f"after {n:,} uploads, same process", "grown"),
+                       (f"restarted on the grown bank ({n + 6:,} switches)", "restarted")):
+        f = r[key]
+        router = f.get("router", {})
+        rows.append([label, f"{f['rss_mb']:.0f} MB", f"{f['first_ms']:.0f} ms", f"{f['p50_ms']:.1f} ms",
+                     f"{router.get('kind', '')} {router.get('scan', '')}".strip() or "-",
+                     f"{router['bytes'] / 2**20:.0f} MiB" if router else "-"])
+    table = md_table(["server", "resident memory", "first Auto-Switch request", "Auto-Switch p50",
+                      "router", "router index"], rows)
+    return (f"# A bank grown over HTTP: {n:,} uploads\n\n"
+            f"Upload latency: median {u['median']:.1f} ms (first tenth {u['median_first_tenth']:.1f} ms, last tenth "
+            f"{u['median_last_tenth']:.1f} ms), p99 {u['p99']:.1f} ms, max {u['max']:.0f} ms. Start-up on the grown "
+            f"bank: {r['restarted']['ready_s']:.1f} s.\n\n"
+            f"{table}\n\n"
+            f"The same {r['requests']} held-out demo images (Auto-Switch) gave equal routing weights and top class on the "
+            f"grown and the restarted server for {r['answers_equal']} of {r['requests']}.\n\n"
+            "Rerun: `python -m bench.uploads`.")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--switches", type=int, default=1000)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="sb-uploads-") as tmp:
+        r = run(args.switches, Path(tmp))
+    md = report(r)
+    print(md)
+    print(write("uploads", r, md))
+
+
+if __name__ == "__main__":
+    main()
