@@ -15,7 +15,8 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from switchbank import __version__
-from switchbank.backbone import load_backbone, use_huge_pages
+from switchbank.allocator import use_huge_pages
+from switchbank.backbone import load_backbone
 from switchbank.bank import Bank
 from switchbank.engine import Engine
 from switchbank.errors import SwitchBankError

@@ -46,6 +46,7 @@ class _EngineCollector:
         for name, value, doc in (
             ("switch_loads", r.loads, "switch bit planes read from their files"),
             ("switch_evictions", r.evictions, "switch bit planes unloaded to stay within the resident budget"),
+            ("router_rebuilds", rt["rebuilds"], "Auto-Switch index rebuilds (grown, shrunk, past the exact limit, drifted)"),
         ):
             c = CounterMetricFamily(f"switchbank_{name}", doc)
             c.add_metric([], value)
@@ -59,6 +60,8 @@ class _EngineCollector:
             ("router_vectors", rt["distinct_vectors"], "distinct query vectors in the Auto-Switch index"),
             ("router_bytes", rt["bytes"], "memory of the Auto-Switch index"),
             ("router_approximate", int(rt["kind"] == "approximate"), "1 if the Auto-Switch index is approximate"),
+            ("router_drift", rt.get("drift", 0.0), "how far vectors added since the IVF index was built lie from "
+             "its list centres, against the vectors it was built with (a rebuild starts past 1.5; 0 when exact)"),
             ("mixed_forward", int(e.mixed_forward), "1 if the tower runs mixed batches in one forward, else 0"),
             ("cache_bytes", s.bytes, "bytes held by cached combinations"),
             ("cache_capacity_bytes", s.capacity_bytes, "delta cache budget"),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from switchbank.backbone import use_huge_pages
+from switchbank.allocator import use_huge_pages
 
 use_huge_pages()  # as the server does, so that in-process and served figures compare like for like
 

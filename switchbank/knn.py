@@ -416,7 +416,21 @@ class Exact:
 
 
 class IVF:
+    """An IVF index with 8-bit scalar quantisation whose candidates are ranked exactly.
+
+    Its lists are centred on a sample of the vectors it was built with. Rows added later that lie
+    far from every centre (switches of a new domain, say) crowd into the lists nearest to them,
+    whose centres no longer describe them, and searches miss their neighbours: on a bank grown by
+    uploads one task after another, from 2,006 to 3,006 distinct switches, the weights matched exact
+    search on 73% of the held-out images, against 99% for an index built on the same bank. So the
+    index tracks how far added rows lie from their centres (:meth:`drift`), and the router rebuilds
+    it once they lie DRIFT times as far as the training rows did.
+    """
+
     kind = "approximate"
+    DRIFT = 1.5
+    DRIFT_ROWS = 2_000  # rows added before drift is judged
+    BASELINE_ROWS = 5_000  # rows beyond the training sample that set what "like the build" means
 
     def __init__(self, dim: int, ip: bool, nlist: int, nprobe: int, train: np.ndarray, candidates: int = 64,
                  capacity: int = 0):
@@ -430,10 +444,19 @@ class IVF:
         self.dim, self.ip, self.nlist, self.candidates = dim, ip, nlist, candidates
         self.trained_on = int(train.shape[0])
         self.built_on = 0  # vectors when it was built: a rebuild is due once that has halved or doubled
+        # How far rows lie from their nearest list centre (see drift): the training rows' mean (a
+        # fallback: the centres were fitted to them), the first BASELINE_ROWS rows added beyond the
+        # training sample while the index is built, and the rows added once it is (``tracking``).
+        self.fit = float(self._far(train).mean())
+        self.tracking = False
+        self.seen = 0
+        self.baseline_far, self.baseline_rows = 0.0, 0
+        self.added_far, self.added_rows = 0.0, 0
         # by id, for the exact ranking; rows of ids never added are never read, so growing them
         # leaves them unwritten (zeroing a million rows was a tenth of a big bank's start-up)
         self.full = torch.empty((capacity, dim), dtype=torch.float16)
         self.norm = torch.empty(capacity)
+        self.top = 0  # rows of full and norm ever written: those below the highest id added
 
     def add(self, ids: np.ndarray, x: np.ndarray, norms: np.ndarray | None = None, half: np.ndarray | None = None) -> None:
         """Add rows ``x`` under ``ids``. With ``norms`` (unit rows ``x`` scaled down from rows of
@@ -447,6 +470,7 @@ class IVF:
         if not ids.size:
             return
         top = int(ids.max()) + 1
+        self.top = max(self.top, top)
         if top > self.full.shape[0]:
             cap = max(top, 2 * self.full.shape[0])
             grown, norm = torch.empty((cap, self.dim), dtype=torch.float16), torch.empty(cap)
@@ -470,6 +494,32 @@ class IVF:
                 self.full[at] = part.half()
                 self.norm[at] = 1.0 if scale is None else scale[s:s + 1024]
         self.index.add_with_ids(x, ids)
+        if self.tracking:
+            self.added_far += float(self._far(x).sum())
+            self.added_rows += int(ids.size)
+        elif self.baseline_rows < self.BASELINE_ROWS and self.seen + ids.size > self.trained_on:
+            # a build adds the training sample first, in the order it was drawn
+            start = max(0, self.trained_on - self.seen)
+            part = x[start:start + self.BASELINE_ROWS - self.baseline_rows]
+            self.baseline_far += float(self._far(part).sum())
+            self.baseline_rows += part.shape[0]
+        self.seen += int(ids.size)
+
+    def _far(self, x: np.ndarray) -> np.ndarray:
+        """Each row's distance to its nearest list centre (1 - inner product for unit rows)."""
+        d, _ = self.quantizer.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+        return 1.0 - d[:, 0] if self.ip else d[:, 0]
+
+    def drift(self) -> float:
+        """How much farther from their list centres the rows added since the build lie than the
+        rows it was built with (about 1 for rows like those); 0 until DRIFT_ROWS of them, and a
+        twentieth of the index, have been added. The rows it was built with are measured beyond the
+        training sample, which lies nearer its centres than other rows do: with few training rows
+        (a small bank's IVF), ten times nearer."""
+        if self.added_rows < max(self.DRIFT_ROWS, self.built_on // 20):
+            return 0.0
+        base = self.baseline_far / self.baseline_rows if self.baseline_rows else self.fit
+        return self.added_far / self.added_rows / max(base, 1e-12)
 
     def remove(self, ids) -> None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -481,8 +531,8 @@ class IVF:
         return int(self.index.ntotal)
 
     def nbytes(self) -> int:
-        return (int(self.index.ntotal) * (self.index.code_size + 8) + self.nlist * self.dim * 4 + self.full.numel() * 2
-                + self.norm.numel() * 4)
+        # rows never written are allocated but not resident
+        return int(self.index.ntotal) * (self.index.code_size + 8) + self.nlist * self.dim * 4 + self.top * (self.dim * 2 + 4)
 
     def search(self, x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
         _, ids = self.index.search(x, max(m, self.candidates))

@@ -13,9 +13,10 @@ search over distinct vectors, expanded into examples, is exactly the search over
 The index (knn.py) is exact up to a limit of distinct vectors and an IVF index with exact
 re-ranking above, chosen when the index is built; by default the limit follows the scan this CPU
 makes fast (EXACT_MAX with a fast bfloat16 product, EXACT_MAX_FLOAT32 without). Tasks are added
-and removed incrementally; when the index has grown or shrunk by half since it was built, or
-crossed the limit, ``rebuild`` builds a new one in the background from the caller's source of
-embeddings while the old one keeps answering, then replays the changes made meanwhile.
+and removed incrementally; when the index has grown or shrunk by half since it was built, crossed
+the limit, or (IVF) holds added vectors far from the ones its lists were trained on (knn.IVF.drift),
+``rebuild`` builds a new one in the background from the caller's source of embeddings while the old
+one keeps answering, then replays the changes made meanwhile.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .allocator import release_freed_memory
 from .errors import Incompatible, InvalidInput
 from .knn import IVF, Exact, bf16_fast, ivf_lists, ivf_nprobe
 
@@ -371,6 +373,7 @@ class Router:
         state = self._build(source, counts)
         with self._lock:
             self._index, self._ex, self._tid, self._names = state
+        release_freed_memory()  # the build's temporaries: 250 MB at 3,006 distinct switches, in 12 ms
 
     def _build(self, source: Source, counts: dict[str, int]):
         ip = self.metric == "cosine"
@@ -413,7 +416,7 @@ class Router:
             raise
         batched.close()
         state = (ivf, *state[1:])
-        ivf.built_on = ivf.ntotal
+        ivf.built_on, ivf.tracking = ivf.ntotal, True
         log.info("router: IVF index (%d lists, nprobe %d), %d distinct vectors of %d examples, %d tasks",
                  nlist, state[0].index.nprobe, state[0].ntotal, state[1].count, len(state[2]))
         return state
@@ -438,7 +441,8 @@ class Router:
         if isinstance(self._index, Exact):
             return n > self._exact_floor() and n > self.exact_limit()
         built = self._index.built_on
-        return n < self.exact_limit() // 2 or n > 2 * built or n < built // 2
+        return (n < self.exact_limit() // 2 or n > 2 * built or n < built // 2
+                or self._index.drift() > self._index.DRIFT)
 
     def rebuild(self, source: Source, counts: dict[str, int], background: bool = True) -> bool:
         """Rebuild the index from ``source`` if it has drifted; changes made meanwhile are replayed
@@ -463,6 +467,7 @@ class Router:
             finally:
                 with self._lock:
                     self._journal, self._rebuilding = None, None
+            release_freed_memory()
 
         with self._lock:
             self._rebuilding = threading.current_thread()
@@ -484,5 +489,6 @@ class Router:
             out.update(scan=idx.scanning)
         if isinstance(idx, IVF):
             out.update(nlist=idx.nlist, nprobe=idx.index.nprobe, candidates=idx.candidates,
-                       trained_on=idx.trained_on, built_on=idx.built_on)
+                       trained_on=idx.trained_on, built_on=idx.built_on, added_since_built=idx.added_rows,
+                       drift=round(idx.drift(), 3))
         return out

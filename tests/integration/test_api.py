@@ -158,6 +158,7 @@ def test_metrics(client):
                  "switchbank_batches_mixed_total", "switchbank_groups_cold_total"):
         assert name in text
     assert "switchbank_mixed_forward 1.0" in text
+    assert "switchbank_router_rebuilds_total 0.0" in text and "switchbank_router_drift 0.0" in text
     assert TOKEN not in text
 
 

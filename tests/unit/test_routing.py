@@ -161,6 +161,43 @@ def test_approximate_index_changes_incrementally_and_rebuilds_in_the_background(
     assert r.counts(extra["x3"][:1])[0] == {"x3": 5}
 
 
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_tasks_of_a_domain_the_ivf_was_not_trained_on_make_it_rebuild(metric, monkeypatch):
+    """New tasks of the domain the IVF's lists were trained on leave it be; tasks of a new domain,
+    far from every list centre, make it drift and rebuild, after which it routes them as exact
+    search does."""
+    from switchbank import knn
+    monkeypatch.setattr(knn.IVF, "DRIFT_ROWS", 100)
+    g = np.random.default_rng(1)
+
+    def domain(centre, n, prefix):  # tasks around a domain's centre, examples around each task's
+        return {f"{prefix}{i}": (centre + 0.5 * g.normal(size=16) + 0.2 * g.normal(size=(50, 16))).astype(np.float32)
+                for i in range(n)}
+
+    a, b = 3 * g.normal(size=16), 3 * g.normal(size=16)
+    data = domain(a, 40, "a")
+    r = Router(dim=16, k=10, metric=metric, exact_max=1500, nprobe=4)
+    r.load(source_of(data), {t: 50 for t in data})
+    assert r.kind == "approximate" and r.stats()["drift"] == 0
+    for t, v in domain(a, 10, "more").items():
+        data[t] = v
+        r.add(t, v)
+    assert 0 < r.stats()["drift"] < knn.IVF.DRIFT and not r.needs_rebuild()
+    new = domain(b, 10, "new")
+    for t, v in new.items():
+        data[t] = v
+        r.add(t, v)
+    assert r.stats()["added_since_built"] == 1000 and r.stats()["drift"] > 5 * knn.IVF.DRIFT
+    assert r.needs_rebuild() and len(r) < 2 * 2000  # not for its size
+    assert r.rebuild(source_of(data), {t: 50 for t in data}, background=False)
+    assert r.rebuilds == 1 and r.stats()["drift"] == 0 and not r.needs_rebuild()
+    exact = Router(dim=16, k=10, metric=metric)
+    exact.load(source_of(data), {t: 50 for t in data})
+    queries = np.concatenate([v[:10] for v in new.values()]) + 0.1 * g.normal(size=(100, 16)).astype(np.float32)
+    agree = np.mean([x == y for x, y in zip(exact.counts(queries), r.counts(queries))])
+    assert agree >= 0.95, agree
+
 def naive_counts(tasks: dict, queries: np.ndarray, k: int) -> list[dict]:
     """Every example sorted by (distance, position): the definition the router must match."""
     rows = [(t, v) for t, vs in tasks.items() for v in vs]
