@@ -198,6 +198,68 @@ def test_tasks_of_a_domain_the_ivf_was_not_trained_on_make_it_rebuild(metric, mo
     agree = np.mean([x == y for x, y in zip(exact.counts(queries), r.counts(queries))])
     assert agree >= 0.95, agree
 
+
+def test_changes_made_during_a_background_rebuild_are_replayed_onto_the_new_index(monkeypatch):
+    """Adds, replacements and removals while a rebuild runs reach the index it swaps in: most of
+    them replayed outside the lock that searches take, the last few with the swap. Searches keep
+    answering from the old index meanwhile."""
+    import threading
+    data, _ = clusters(30, 20, 8, seed=6)
+    r = Router(dim=8, k=5, exact_max=100, nprobe=64)  # every list: routes equal exact search's
+    r.load(source_of(data), {t: 20 for t in data})
+    g = np.random.default_rng(7)
+    extra = {f"x{i}": data[f"t{i % 30}"] + 2 * g.normal(size=8).astype(np.float32) for i in range(60)}
+    for t, v in list(extra.items())[:40]:  # more than doubled: a rebuild is due
+        r.add(t, v)
+        data[t] = v
+    assert r.needs_rebuild()
+    reading, release = threading.Event(), threading.Event()
+
+    def slow(names):  # as the server's source does, it skips tasks removed meanwhile
+        for i, t in enumerate(names if names is not None else sorted(data)):
+            if i == 3:
+                reading.set()
+                assert release.wait(30)
+            if t in data:
+                yield t, data[t]
+
+    assert r.rebuild(slow, {t: len(v) for t, v in data.items()}, background=True)
+    assert reading.wait(30)
+    replayed = []  # (task, whether the lock was held) for inserts made on the rebuilding thread
+    insert = Router._insert
+    rebuilder = r._rebuilding
+
+    def spy(state, task, rows, keyed=None):
+        if threading.current_thread() is rebuilder and keyed is None:  # the build's own pass keys its rows
+            replayed.append((task, r._lock.locked()))
+        return insert(state, task, rows, keyed)
+
+    monkeypatch.setattr(Router, "_insert", staticmethod(spy))
+    for t, v in list(extra.items())[40:]:
+        r.add(t, v)
+        data[t] = v
+    data["t2"] = data["t2"] + 2 * g.normal(size=8).astype(np.float32)  # replaced
+    r.add("t2", data["t2"])
+    for t in ("t0", "x1"):
+        r.remove(t)
+        del data[t]
+    assert r.counts(data["t5"][:1])[0] == {"t5": 5}  # the old index answers meanwhile
+    release.set()
+    while r.stats()["rebuilding"]:
+        threading.Event().wait(0.01)
+    assert r.rebuilds == 1 and sorted(r.tasks) == sorted(data) and len(r) == 20 * len(data)
+    late = [(t, held) for t, held in replayed if t.startswith("x") or t == "t2"]
+    assert {t for t, _ in late} == {f"x{i}" for i in range(40, 60)} | {"t2"}
+    assert not any(held for _, held in late)  # replayed outside the lock that searches take
+    exact = Router(dim=8, k=5)
+    exact.load(source_of(data), {t: 20 for t in data})
+    queries = np.concatenate([v[:2] for v in data.values()]) + 0.05
+    got, want = r.counts(queries), exact.counts(queries)
+    assert np.mean([a == b for a, b in zip(got, want)]) >= 0.95  # an approximate index
+    for t, c in zip(np.repeat(list(data), 2), got):
+        assert max(c, key=c.get) == t  # tasks added and replaced meanwhile included
+    assert not {"t0", "x1"} & {t for c in got for t in c}
+
 def naive_counts(tasks: dict, queries: np.ndarray, k: int) -> list[dict]:
     """Every example sorted by (distance, position): the definition the router must match."""
     rows = [(t, v) for t, vs in tasks.items() for v in vs]
