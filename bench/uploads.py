@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -33,6 +34,28 @@ from bench.scale import synth_bank
 from bench.traffic import demo_pngs
 
 TOKEN = "bench-uploads"
+
+
+@contextmanager
+def serving(bank: Path):
+    """The server on ``bank`` (cosine routing, admin token set), once ready: (an admin client, its
+    process, seconds from start to ready)."""
+    port = free_port()
+    t0 = time.perf_counter()
+    proc = start_server(bank, port, router_metric="cosine", admin_token=TOKEN)
+    try:
+        wait_ready(port, proc, timeout=300)
+        ready_s = time.perf_counter() - t0
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
+                          headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            yield c, proc, ready_s
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def router(c: httpx.Client) -> dict:
+    return c.get("/v1/admin/cache").json()["router"]
 
 
 def ask(c: httpx.Client, pngs: list[bytes]) -> tuple[list[float], list[tuple]]:
@@ -61,51 +84,29 @@ def run(n: int, work: Path, requests: int = 40) -> dict:
     shutil.copytree(ROOT / "demo" / "bank", bank)
     pngs = [png for _, png in demo_pngs()[::24][:requests]]  # spread over the six tasks
 
-    port = free_port()
-    proc = start_server(bank, port, router_metric="cosine", admin_token=TOKEN)
-    try:
-        wait_ready(port, proc, timeout=300)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                          headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-            lat, _ = ask(c, pngs)
-            before = figures(lat, proc)
-            ups = []
-            for i, f in enumerate(files):
-                t = time.perf_counter()
-                r = c.post("/v1/admin/switches", files={"file": (f.name, f.read_bytes())})
-                ups.append(time.perf_counter() - t)
-                if r.status_code not in (200, 201):
-                    raise RuntimeError(f"upload {i} answered {r.status_code}: {r.text[:200]}")
-                if (i + 1) % max(1, n // 10) == 0:
-                    print(f"{i + 1} uploads, median {1000 * statistics.median(ups[-100:]):.1f} ms over the last 100",
-                          file=sys.stderr, flush=True)
-            t = time.perf_counter()  # a rebuild the last uploads started finishes first
-            while c.get("/v1/admin/cache").json()["router"]["rebuilding"] and time.perf_counter() - t < 600:
-                time.sleep(0.5)
-            settle_s = time.perf_counter() - t
-            lat, grown_answers = ask(c, pngs)
-            grown = figures(lat, proc)
-            grown["settle_s"] = settle_s
-            grown["router"] = c.get("/v1/admin/cache").json()["router"]
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with serving(bank) as (c, proc, _):
+        lat, _ = ask(c, pngs)
+        before = figures(lat, proc)
+        ups = []
+        for i, f in enumerate(files):
+            t = time.perf_counter()
+            r = c.post("/v1/admin/switches", files={"file": (f.name, f.read_bytes())})
+            ups.append(time.perf_counter() - t)
+            if r.status_code not in (200, 201):
+                raise RuntimeError(f"upload {i} answered {r.status_code}: {r.text[:200]}")
+            if (i + 1) % max(1, n // 10) == 0:
+                print(f"{i + 1} uploads, median {1000 * statistics.median(ups[-100:]):.1f} ms over the last 100",
+                      file=sys.stderr, flush=True)
+        t = time.perf_counter()  # a rebuild the last uploads started finishes first
+        while router(c)["rebuilding"] and time.perf_counter() - t < 600:
+            time.sleep(0.5)
+        settle_s = time.perf_counter() - t
+        lat, grown_answers = ask(c, pngs)
+        grown = {**figures(lat, proc), "settle_s": settle_s, "router": router(c)}
 
-    port = free_port()
-    t0 = time.perf_counter()
-    proc = start_server(bank, port, router_metric="cosine", admin_token=TOKEN)
-    try:
-        wait_ready(port, proc, timeout=300)
-        ready_s = time.perf_counter() - t0
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120,
-                          headers={"Authorization": f"Bearer {TOKEN}"}) as c:
-            lat, fresh_answers = ask(c, pngs)
-            fresh = figures(lat, proc)
-            fresh["ready_s"] = ready_s
-            fresh["router"] = c.get("/v1/admin/cache").json()["router"]
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    with serving(bank) as (c, proc, ready_s):
+        lat, fresh_answers = ask(c, pngs)
+        fresh = {**figures(lat, proc), "ready_s": ready_s, "router": router(c)}
 
     tenth = max(1, n // 10)
     return {"switches": n, "requests": requests, "before": before, "grown": grown, "restarted": fresh,
