@@ -7,10 +7,17 @@ Layout::
     BANK/.lock                              writers hold an exclusive flock while changing the bank
 
 A change writes the new switch file (temp file, fsync, rename), then the new manifest the same way,
-then deletes files the manifest no longer names. A crash at any point leaves a manifest that names
-only complete files, so the bank reads as either the old or the new state. Readers never need the
-lock: they read the manifest (always complete, thanks to rename) and retry if a file it named was
-removed in between. The generation number grows by one with every change.
+then deletes the files it no longer names. A crash at any point leaves a manifest that names
+only complete files, so the bank reads as either the old or the new state; what a crashed writer
+left behind is swept up by a later change (the first one a process makes, then every
+``Bank.SWEEP_EVERY``-th). Readers never need the lock: they read the manifest (always complete,
+thanks to rename) and retry if a file it named was removed in between. The generation number grows
+by one with every change.
+
+The manifest holds one line per switch. Nothing in a change costs time in proportion to the bank
+but writing those lines out: each is encoded once and kept, and a manifest read again unchanged is
+not parsed again (uploads to a bank of 3,000 switches spent 45 ms of 70 in re-encoding, re-parsing
+and listing the whole bank).
 """
 
 from __future__ import annotations
@@ -82,9 +89,14 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class Bank:
+    SWEEP_EVERY = 100  # changes between sweeps of the whole directory for a crashed writer's files
+
     def __init__(self, root: str | Path, create: bool = False):
         self.root = Path(root)
         self.files = self.root / "switches"
+        self._read: tuple[bytes, Manifest] | None = None  # the manifest's bytes as last read, parsed
+        self._lines: dict[str, tuple[dict, str]] = {}  # name -> (its entry, its line as written)
+        self._changes = 0
         if create:
             self.files.mkdir(parents=True, exist_ok=True)
             if not (self.root / MANIFEST).exists():
@@ -105,18 +117,42 @@ class Bank:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def manifest(self) -> Manifest:
+        """The manifest as it is on disk now. Its entries are shared between calls: read them, do
+        not change them."""
         path = self.root / MANIFEST
         try:
-            raw = json.loads(path.read_text())
+            data = path.read_bytes()
+            last = self._read
+            if last is not None and last[0] == data:  # comparing the bytes costs far less than parsing them
+                return Manifest(last[1].generation, dict(last[1].switches))
+            raw = json.loads(data)
             if raw.get("format") != BANK_FORMAT or raw.get("version") != 1:
                 raise ValueError("not a switchbank bank manifest of version 1")
-            return Manifest(int(raw["generation"]), dict(raw["switches"]))
+            m = Manifest(int(raw["generation"]), dict(raw["switches"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SwitchBankError(f"{path}: unreadable bank manifest ({exc})") from None
+        self._read = (data, m)
+        return Manifest(m.generation, dict(m.switches))
 
     def _write_manifest(self, m: Manifest) -> None:
-        body = {"format": BANK_FORMAT, "version": 1, "generation": m.generation, "switches": m.switches}
-        atomic_write(self.root / MANIFEST, json.dumps(body, indent=1, sort_keys=True).encode())
+        data = self._encode(m)
+        atomic_write(self.root / MANIFEST, data)
+        self._read = (data, Manifest(m.generation, dict(m.switches)))
+
+    def _encode(self, m: Manifest) -> bytes:
+        """The manifest as JSON, one line per switch, keys sorted; each switch's line encoded once."""
+        lines, kept = [], {}
+        for name in sorted(m.switches):
+            entry = m.switches[name]
+            known = self._lines.get(name)
+            if known is None or (known[0] is not entry and known[0] != entry):
+                known = (entry, f"  {json.dumps(name)}: {json.dumps(entry, sort_keys=True)}")
+            kept[name] = known
+            lines.append(known[1])
+        self._lines = kept
+        switches = "{\n" + ",\n".join(lines) + "\n }" if lines else "{}"
+        return (f'{{\n "format": {json.dumps(BANK_FORMAT)},\n "generation": {int(m.generation)},\n'
+                f' "switches": {switches},\n "version": 1\n}}\n').encode()
 
     @property
     def generation(self) -> int:
@@ -197,13 +233,20 @@ class Bank:
             taken = [n for n, _, _ in todo if n in entries]
             if taken and not replace:
                 raise Conflict(f"a different switch named {taken[0]!r} exists; ask for replacement to overwrite it")
-            for name, h, data in todo:
-                fname = file_name(name, h)
-                atomic_write(self.files / fname, data)
-                entries[name] = {"file": fname, "content_hash": h, "bytes": len(data)}
+            written = []
+            try:
+                for name, h, data in todo:
+                    fname = file_name(name, h)
+                    atomic_write(self.files / fname, data)
+                    written.append(fname)
+                    entries[name] = {"file": fname, "content_hash": h, "bytes": len(data)}
+                if todo:
+                    self._write_manifest(Manifest(m.generation + 1, entries))
+            except BaseException:
+                self._forget_unnamed(m, written)
+                raise
             if todo:
-                self._write_manifest(Manifest(m.generation + 1, entries))
-                self._collect_garbage(entries)
+                self._collect_garbage(m.switches, entries)
         return len(todo)
 
     def remove(self, name: str) -> None:
@@ -213,17 +256,35 @@ class Bank:
                 raise NotFound(f"no switch named {name!r} in the bank")
             entries = {k: v for k, v in m.switches.items() if k != name}
             self._write_manifest(Manifest(m.generation + 1, entries))
-            self._collect_garbage(entries)
+            self._collect_garbage(m.switches, entries)
 
-    def _collect_garbage(self, entries: dict[str, dict]) -> None:
-        """Delete files no manifest entry names (old versions, leftovers of crashed writes). Lock held."""
-        live = {i["file"] for i in entries.values()}
-        for p in self.files.iterdir():
-            if p.name not in live:
-                try:
-                    p.unlink()
-                except FileNotFoundError:
-                    pass
+    def _collect_garbage(self, before: dict[str, dict], after: dict[str, dict]) -> None:
+        """Delete the files a change left unnamed; now and then, every file no entry names (what a
+        crashed writer left, here or in another process). Lock held."""
+        live = {i["file"] for i in after.values()}
+        if self._changes % self.SWEEP_EVERY == 0:
+            self._delete([p.name for p in self.files.iterdir() if p.name not in live])
+        else:
+            self._delete([i["file"] for i in before.values() if i["file"] not in live])
+        self._changes += 1
+
+    def _forget_unnamed(self, before: Manifest, written: list[str]) -> None:
+        """After a failed change: delete the files it wrote, unless its manifest made it to disk
+        after all (the failure came later) or the old manifest names them. Lock held."""
+        try:
+            if self.manifest().generation != before.generation:
+                return
+        except SwitchBankError:
+            return
+        live = {i["file"] for i in before.switches.values()}
+        self._delete([f for f in written if f not in live])
+
+    def _delete(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                (self.files / name).unlink()
+            except FileNotFoundError:
+                pass
 
     def file_size(self, name: str) -> int:
         info = self.manifest().switches.get(name)

@@ -446,13 +446,17 @@ class Router:
         return (n < self.exact_limit() // 2 or n > 2 * built or n < built // 2
                 or self._index.drift() > self._index.DRIFT)
 
-    def rebuild(self, source: Source, counts: dict[str, int], background: bool = True) -> bool:
+    def rebuild(self, source: Source, counts: dict[str, int] | Callable[[], dict[str, int]],
+                background: bool = True) -> bool:
         """Rebuild the index from ``source`` if it has drifted; changes made meanwhile are replayed
-        onto the new index. Returns whether a rebuild started (or ran)."""
+        onto the new index. ``counts`` (or a function that makes them, called only if a rebuild
+        starts): every task's number of examples. Returns whether a rebuild started (or ran)."""
         with self._lock:
             if self._rebuilding is not None or not self.needs_rebuild():
                 return False
             self._journal = []
+        if callable(counts):
+            counts = counts()
 
         def replay(state, changes):
             for op, task, rows in changes:

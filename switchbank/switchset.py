@@ -155,7 +155,7 @@ class SwitchSet:
             for sw in self.switches.values():
                 self._drop_queries(sw)
         else:
-            self.router.rebuild(self._query_source, self._query_counts())
+            self.router.rebuild(self._query_source, self._query_counts)
         self.generation = m.generation
         return True
 

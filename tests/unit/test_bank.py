@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -79,15 +80,63 @@ def test_crash_mid_update_keeps_previous_state(tmp_path, files, monkeypatch, fai
     assert not [p for p in os.listdir(fresh.files) if p.endswith(".part")]  # temp files cleaned up
 
 
-def test_leftover_files_of_a_crashed_writer_are_ignored_and_collected(tmp_path, files):
-    a1, _, b = files
+def test_leftover_files_of_a_crashed_writer_are_ignored_and_collected(tmp_path, files, monkeypatch):
+    a1, a2, b = files
     bank = Bank(tmp_path, create=True)
     bank.add(a1)
-    (bank.files / ".tmp-crashed.part").write_bytes(b[:50])  # a writer died mid-write
-    (bank.files / "b.0123456789abcdef.safetensors").write_bytes(b)  # died before the manifest
+
+    def crash_leftovers():
+        (bank.files / ".tmp-crashed.part").write_bytes(b[:50])  # a writer died mid-write
+        (bank.files / "b.0123456789abcdef.safetensors").write_bytes(b)  # died before the manifest
+
+    def named():
+        return sorted(i["file"] for i in Bank(tmp_path).manifest().switches.values())
+
+    crash_leftovers()
     assert Bank(tmp_path).names() == ["a"]
+    Bank(tmp_path).add(b)  # a process's first change sweeps the directory
+    assert sorted(os.listdir(bank.files)) == named()
+    # a long-lived writer only deletes what its changes leave unnamed, and sweeps every SWEEP_EVERY changes
+    monkeypatch.setattr(Bank, "SWEEP_EVERY", 3)
+    bank.remove("b")
+    crash_leftovers()
+    bank.add(a2, replace=True)
+    assert len(os.listdir(bank.files)) == 3 and named() == [bank.manifest().switches["a"]["file"]]
     bank.add(b)
-    assert sorted(os.listdir(bank.files)) == sorted(i["file"] for i in bank.manifest().switches.values())
+    assert sorted(os.listdir(bank.files)) == named()
+
+
+def test_manifest_is_one_line_per_switch_and_read_again_only_when_it_changes(tmp_path, files):
+    a1, a2, b = files
+    bank = Bank(tmp_path, create=True)
+    bank.add_many([a1, b])
+    text = (tmp_path / "manifest.json").read_text()
+    lines = text.splitlines()
+    assert [ln.split(":")[0].strip() for ln in lines if ln.startswith("  ")] == ['"a"', '"b"']
+    assert json.loads(text)["switches"]["b"] == bank.manifest().switches["b"] and json.loads(text)["generation"] == 1
+    other = Bank(tmp_path)  # another replica's view of the same directory
+    assert other.manifest().switches == bank.manifest().switches
+    bank.add(a2, replace=True)
+    assert other.generation == 2 and other.manifest().switches["a"]["content_hash"] == bank.load("a").content_hash
+    (tmp_path / "manifest.json").write_text(text.replace('"generation": 1', '"generation": 7'))
+    assert other.generation == 7 and bank.generation == 7  # edited by hand: read again
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(Exception, match="unreadable bank manifest"):
+        other.manifest()
+
+
+def test_a_change_that_fails_leaves_no_file_behind(tmp_path, files, monkeypatch):
+    a1, a2, b = files
+    bank = Bank(tmp_path, create=True)
+    bank.add(a1)
+    before = sorted(os.listdir(bank.files))
+
+    def fail(m):
+        raise OSError("disk full")
+    monkeypatch.setattr(bank, "_write_manifest", fail)
+    with pytest.raises(OSError, match="disk full"):
+        bank.add_many([a2, b], replace=True)
+    assert sorted(os.listdir(bank.files)) == before and Bank(tmp_path).generation == 1
 
 
 def test_not_a_bank(tmp_path):
