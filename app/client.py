@@ -84,9 +84,12 @@ class SwitchbankClient:
     def delete(self, name: str) -> dict:
         return self._check(self._http.delete(f"/v1/admin/switches/{name}", headers=self._admin))
 
-    def describe(self, name: str | None = None) -> dict:
-        path = "/v1/admin/switches" + (f"/{name}" if name else "")
-        return self._check(self._http.get(path, headers=self._admin))
+    def describe(self, name: str | None = None, *, limit: int = 100, after: str | None = None) -> dict:
+        """One switch described in full, or (no name) a page of ``limit`` switches after ``after``."""
+        if name:
+            return self._check(self._http.get(f"/v1/admin/switches/{name}", headers=self._admin))
+        params = {"limit": limit} | ({"after": after} if after is not None else {})
+        return self._check(self._http.get("/v1/admin/switches", params=params, headers=self._admin))
 
     def cache_stats(self) -> dict:
         return self._check(self._http.get("/v1/admin/cache", headers=self._admin))

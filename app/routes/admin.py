@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -76,22 +77,31 @@ async def delete(name: str, request: Request):
     return {"name": name, "deleted": True, "generation": state.engine.generation}
 
 
-def _describe_all(state) -> dict:
-    sizes = {n: i["bytes"] for n, i in state.bank.manifest().switches.items()}
-    return {n: describe(sw, sizes.get(n)) for n, sw in sorted(state.engine.switches.items())}
+def _describe(state, name: str) -> dict:
+    sw = state.engine.switches.get(name)
+    if sw is None:
+        raise NotFound(f"no switch named {name!r}")
+    return describe(sw, state.bank.manifest().switches.get(name, {}).get("bytes"))
 
 
-@router.get("/switches", summary="Every served switch, described in full")
-async def list_switches(request: Request):
-    return {"generation": request.app.state.engine.generation, "switches": list(_describe_all(request.app.state).values())}
+@router.get("/switches", summary="The served switches, described in full, a page at a time")
+async def list_switches(request: Request, limit: int = Query(100, ge=1, le=1000, description="switches per page"),
+                        after: str | None = Query(None, max_length=64, description="the last name of the previous page")):
+    state = request.app.state
+    served = state.engine.switches
+    names = sorted(served)
+    start = bisect.bisect_right(names, after) if after is not None else 0
+    page = names[start:start + limit]
+    sizes = state.bank.manifest().switches
+    more = start + limit < len(names)
+    return {"generation": state.engine.generation, "total": len(names),
+            "switches": [describe(served[n], sizes.get(n, {}).get("bytes")) for n in page],
+            "next_after": page[-1] if more and page else None}
 
 
 @router.get("/switches/{name}", summary="One switch, described in full")
 async def describe_switch(name: str, request: Request):
-    info = _describe_all(request.app.state).get(name)
-    if info is None:
-        raise NotFound(f"no switch named {name!r}")
-    return info
+    return _describe(request.app.state, name)
 
 
 @router.get("/cache", summary="Delta cache, resident switches, router and engine statistics")

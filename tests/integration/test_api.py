@@ -111,6 +111,28 @@ def test_public_switch_list(client):
     assert all(s["bits_per_param"] < 1.5 and s["classes"] for s in r["switches"])
 
 
+@pytest.mark.parametrize("path", ["/v1/switches", "/v1/admin/switches"])
+def test_switch_lists_come_a_page_at_a_time(client, path):
+    names, after, pages = [], None, 0
+    while True:
+        params = {"limit": 2} | ({"after": after} if after else {})
+        r = client.get(path, params=params, headers=AUTH)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["total"] == 3 and len(body["switches"]) <= 2
+        names += [s["name"] for s in body["switches"]]
+        pages += 1
+        after = body["next_after"]
+        if after is None:
+            break
+    assert names == ["blue", "green", "red"] and pages == 2
+    if path.startswith("/v1/admin"):
+        assert body["switches"][0]["content_hash"].startswith("sha256:")
+        assert client.get(path + "/nope", headers=AUTH).status_code == 404
+    for bad in ({"limit": 0}, {"limit": 1001}, {"after": "x" * 65}):
+        assert client.get(path, params=bad, headers=AUTH).status_code == 422
+
+
 def test_admin_requires_the_token(client):
     for method, path in (("get", "/v1/admin/switches"), ("get", "/v1/admin/cache"), ("delete", "/v1/admin/switches/red"),
                          ("post", "/v1/admin/switches"), ("put", "/v1/admin/switches/red"), ("get", "/v1/admin/switches/red")):
