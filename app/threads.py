@@ -14,6 +14,8 @@ import asyncio
 import importlib
 from concurrent.futures import ThreadPoolExecutor
 
+from switchbank.priority import lower_this_thread
+
 
 def engine_thread(*modules: str) -> ThreadPoolExecutor:
     """The single thread that loads and runs the engine, with torch and ``modules`` imported on it:
@@ -31,8 +33,9 @@ def import_on(engine: ThreadPoolExecutor, *modules: str) -> None:
 
 async def run_apart(fn, *args):
     """``fn(*args)`` on a thread of its own that ends with it, for torch work off the engine's thread
-    (a bank sync, an upload): a pooled thread would keep the team it starts beside the engine's."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="switchbank-apart")
+    (a bank sync, an upload): a pooled thread would keep the team it starts beside the engine's. The
+    thread runs at a lower CPU priority, so that requests come first (switchbank/priority.py)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="switchbank-apart", initializer=lower_this_thread)
     try:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
     finally:

@@ -53,6 +53,12 @@ def ivf_nprobe(nlist: int, n: int) -> int:
     return int(min(nlist, max(NPROBE, math.ceil(nlist * MIN_SCAN / max(n, 1)))))
 
 
+def one_thread() -> None:
+    """Have faiss run the calling thread's work on that thread alone (OpenMP's thread count is
+    each thread's own): a background rebuild then leaves the other cores to the requests."""
+    faiss.omp_set_num_threads(1)
+
+
 def scores(table: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """q @ table.T [queries, rows], in float32, computed as oneDNN's matmul of the table (as its
     input) and the queries (as its weight) where torch has it. For a micro-batch of queries this

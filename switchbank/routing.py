@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from .allocator import release_freed_memory
+from .priority import lower_this_thread
 from .errors import Incompatible, InvalidInput
-from .knn import IVF, Exact, bf16_fast, ivf_lists, ivf_nprobe
+from .knn import IVF, Exact, bf16_fast, ivf_lists, ivf_nprobe, one_thread
 
 log = logging.getLogger(__name__)
 METRICS = ("l2", "cosine")
@@ -493,7 +494,12 @@ class Router:
         if not background:
             work()
             return True
-        t = threading.Thread(target=work, name="switchbank-router-rebuild", daemon=True)
+        def in_background():
+            lower_this_thread()
+            one_thread()
+            work()
+
+        t = threading.Thread(target=in_background, name="switchbank-router-rebuild", daemon=True)
         with self._lock:
             self._rebuilding = t
         t.start()

@@ -1,8 +1,10 @@
+import os
 from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+import faiss  # noqa: E402  (after torch, as switchbank.knn imports them)
 
 from switchbank.errors import Incompatible, InvalidInput
 from switchbank.routing import Router
@@ -214,10 +216,15 @@ def test_changes_made_during_a_background_rebuild_are_replayed_onto_the_new_inde
         data[t] = v
     assert r.needs_rebuild()
     reading, release = threading.Event(), threading.Event()
+    seen, main_threads = {}, faiss.omp_get_max_threads()
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     def slow(names):  # as the server's source does, it skips tasks removed meanwhile
         for i, t in enumerate(names if names is not None else sorted(data)):
             if i == 3:
+                seen.update(nice=niceness(), faiss_threads=faiss.omp_get_max_threads())
                 reading.set()
                 assert release.wait(30)
             if t in data:
@@ -247,6 +254,9 @@ def test_changes_made_during_a_background_rebuild_are_replayed_onto_the_new_inde
     release.set()
     while r.stats()["rebuilding"]:
         threading.Event().wait(0.01)
+    # the rebuild ran on one faiss thread at a lower CPU priority; the caller's thread kept its own
+    assert seen["faiss_threads"] == 1 and seen["nice"] >= min(19, niceness() + 1)
+    assert faiss.omp_get_max_threads() == main_threads
     assert r.rebuilds == 1 and sorted(r.tasks) == sorted(data) and len(r) == 20 * len(data)
     late = [(t, held) for t, held in replayed if t.startswith("x") or t == "t2"]
     assert {t for t, _ in late} == {f"x{i}" for i in range(40, 60)} | {"t2"}
