@@ -16,8 +16,8 @@ by one with every change.
 
 The manifest holds one line per switch. Nothing in a change costs time in proportion to the bank
 but writing those lines out: each is encoded once and kept, and a manifest read again unchanged is
-not parsed again (uploads to a bank of 3,000 switches spent 45 ms of 70 in re-encoding, re-parsing
-and listing the whole bank).
+not parsed again (at 3,000 switches, encoding, parsing and listing the whole bank took about 23 ms
+of an upload's 42, in process).
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from .allocator import release_freed_memory
-from .priority import lower_this_thread
 from .errors import Incompatible, InvalidInput
 from .knn import IVF, Exact, bf16_fast, ivf_lists, ivf_nprobe, one_thread
+from .priority import lower_this_thread
 
 log = logging.getLogger(__name__)
 METRICS = ("l2", "cosine")
@@ -494,6 +494,7 @@ class Router:
         if not background:
             work()
             return True
+
         def in_background():
             lower_this_thread()
             one_thread()
