@@ -28,6 +28,7 @@ import torch.nn.functional as F
 # IVF index of 100,000 vectors took 3x as long on the machine measured (4.1 s against 11.7 s)
 import faiss  # noqa: E402
 
+from .allocator import plain_pages  # noqa: E402
 from .mixed_ops import linear  # noqa: E402  (oneDNN's matmul where torch has it)
 
 
@@ -166,6 +167,11 @@ class Exact:
     products in another order than :func:`scores` does, so two vectors within float32 rounding of
     each other may swap: 1 of 977 held-out images on a bank of 100,000 vectors, whose 10th and 11th
     nearest were 1e-7 apart.)
+
+    The tables of rows are on ordinary pages (allocator.plain_pages): they are written once and
+    scanned in order, and on huge pages their first writes took 4-5x as long while the server
+    started. (The IVF index keeps huge pages for its ranking table, which it reads a row here and
+    there: gathering 144,000 random rows of a million took 14% longer on ordinary pages.)
     """
 
     kind = "exact"
@@ -183,9 +189,9 @@ class Exact:
         # float16 rows and their scales (x = half / scale) where the scan will be bfloat16, else
         # float32 rows (a table that starts small keeps them until the router rebuilds it)
         compact = scan == "bfloat16" or (scan == "auto" and capacity > self.SMALL and bf16_fast())
-        self.half = torch.empty((capacity, dim), dtype=torch.float16) if compact else None
+        self.half = plain_pages((capacity, dim), torch.float16) if compact else None
         self.scale = torch.empty(capacity) if compact else None
-        self.full = None if compact else torch.empty((capacity, dim), dtype=torch.float32)
+        self.full = None if compact else plain_pages((capacity, dim), torch.float32)
         self.wide: dict[int, torch.Tensor] = {}  # slot -> float32 row, where a row had no float16 form
         # |v|^2 for Euclidean, 0 for unit vectors by angle; +inf for a free slot, which then never ranks
         self.bias = torch.full((capacity,), float("inf"))
@@ -211,14 +217,14 @@ class Exact:
             return new
 
         if self.full is not None:
-            self.full = grown(self.full, torch.empty((cap, self.dim), dtype=torch.float32))
+            self.full = grown(self.full, plain_pages((cap, self.dim), torch.float32))
         else:
-            self.half = grown(self.half, torch.empty((cap, self.dim), dtype=torch.float16))
+            self.half = grown(self.half, plain_pages((cap, self.dim), torch.float16))
             self.scale = grown(self.scale, torch.empty(cap))
         self.bias = grown(self.bias, torch.full((cap,), float("inf")))
         self.ids = grown(self.ids, np.full(cap, -1, dtype=np.int64))
         if self.low is not None:
-            self.low = grown(self.low, torch.empty((cap, self.dim), dtype=torch.bfloat16))
+            self.low = grown(self.low, plain_pages((cap, self.dim), torch.bfloat16))
             self.err = grown(self.err, torch.zeros((cap, 2)))
 
     def _rows(self, at: slice | torch.Tensor) -> torch.Tensor:
@@ -244,7 +250,7 @@ class Exact:
         """Keep float32 rows from now on."""
         if self.full is not None:
             return
-        full = torch.empty((self.bias.shape[0], self.dim), dtype=torch.float32)
+        full = plain_pages((self.bias.shape[0], self.dim), torch.float32)
         for start in range(0, self.used, self.BLOCK):
             at = slice(start, min(start + self.BLOCK, self.used))
             full[at] = self._rows(at)
@@ -323,7 +329,7 @@ class Exact:
         if len(bare) > self.WIDE:
             return  # stays float32, as a table with many such rows does
         cap, n = self.bias.shape[0], self.used
-        half, scale = torch.empty((cap, self.dim), dtype=torch.float16), torch.empty(cap)
+        half, scale = plain_pages((cap, self.dim), torch.float16), torch.empty(cap)
         half[:n], scale[:n] = 0.0, 1.0  # free and bare slots: finite rows, never ranked (bias) or read
         slots = torch.tensor(list(aside), dtype=torch.int64)
         half[slots] = torch.stack([h for h, _ in aside.values()])
@@ -372,7 +378,7 @@ class Exact:
             self._to_float32()
             return False
         if self.low is None:
-            self.low = torch.empty((self.bias.shape[0], self.dim), dtype=torch.bfloat16)
+            self.low = plain_pages((self.bias.shape[0], self.dim), torch.bfloat16)
             self.err = torch.zeros((self.bias.shape[0], 2))
             if self.used:
                 self._lower(slice(0, self.used))
