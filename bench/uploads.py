@@ -22,8 +22,8 @@ was running. ``--rate 0`` times the uploads alone.
 from __future__ import annotations
 
 import argparse
-import shutil
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -116,7 +116,10 @@ class Traffic:
             while not self.done.is_set():
                 png = rng.choice(self.pngs)
                 t = time.perf_counter()
-                status = c.post("/v1/predict", files={"image": ("i.png", png)}).status_code
+                try:
+                    status = c.post("/v1/predict", files={"image": ("i.png", png)}).status_code
+                except httpx.HTTPError:
+                    status = -1  # counted as an error
                 self.requests.append((t, time.perf_counter(), status))
                 next_at = max(next_at + 1 / self.rate, time.perf_counter())
                 self.done.wait(next_at - time.perf_counter())
