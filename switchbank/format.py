@@ -267,6 +267,7 @@ def read_light(path: str | Path) -> Switch:
         raise CorruptSwitch(f"{path}: {exc}") from None
     sw = _light(meta, tensors, index)
     sw.source = path
+    sw.payload_bytes = sum(end - start for key, (_, _, (start, end)) in table.items() if key in ("mask", "sign", "scale"))
     if "queries" in table:
         dtype, shape, (start, end) = table["queries"]
         sw.query_count = shape[0]

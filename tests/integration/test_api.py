@@ -108,7 +108,8 @@ def test_bad_bodies(client):
 def test_public_switch_list(client):
     r = client.get("/v1/switches").json()
     assert [s["name"] for s in r["switches"]] == ["blue", "green", "red"]
-    assert all(s["bits_per_param"] < 1.5 and s["classes"] for s in r["switches"])
+    # what each switch's bits take on disk, whether or not they were read yet (about H(1 - alpha) + (1 - alpha))
+    assert all(0.5 < s["bits_per_param"] < 1.5 and s["classes"] for s in r["switches"]), r["switches"]
 
 
 @pytest.mark.parametrize("path", ["/v1/switches", "/v1/admin/switches"])

@@ -4,7 +4,7 @@ import os
 import pytest
 from switchbank.bank import Bank
 from switchbank.errors import Conflict, CorruptSwitch, InvalidInput, NotFound
-from switchbank.format import to_bytes
+from switchbank.format import describe, to_bytes
 from tests.helpers import make_switch
 
 
@@ -164,5 +164,7 @@ def test_light_load_reads_everything_but_the_bits(tmp_path, files):
     full, _ = bank.add(a1)
     light = bank.load("a", light=True)
     assert not light.loaded and light.head is not None and light.entries == full.entries
+    # described as the whole switch is, before its bits are read
+    assert describe(light, len(a1)) == describe(full, len(a1)) | {"resident_bits_per_param": 0.0}
     load_bits(light)
     assert light.loaded and light.mask.equal(full.mask) and light.pos.equal(full.pos)
