@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -17,6 +16,7 @@ from ..forms import content_type, form_file, read_form
 from ..schemas import ErrorResponse
 from ..security import require_admin
 from ..threads import run_apart
+from .switches import page_of
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
                    responses={s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 408, 409, 413, 415, 422)})
@@ -89,14 +89,11 @@ async def list_switches(request: Request, limit: int = Query(100, ge=1, le=1000,
                         after: str | None = Query(None, max_length=64, description="the last name of the previous page")):
     state = request.app.state
     served = state.engine.switches
-    names = sorted(served)
-    start = bisect.bisect_right(names, after) if after is not None else 0
-    page = names[start:start + limit]
+    page, next_after = page_of(sorted(served), limit, after)
     sizes = state.bank.manifest().switches
-    more = start + limit < len(names)
-    return {"generation": state.engine.generation, "total": len(names),
+    return {"generation": state.engine.generation, "total": len(served),
             "switches": [describe(served[n], sizes.get(n, {}).get("bytes")) for n in page],
-            "next_after": page[-1] if more and page else None}
+            "next_after": next_after}
 
 
 @router.get("/switches/{name}", summary="One switch, described in full")

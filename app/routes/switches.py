@@ -18,17 +18,21 @@ async def switches(request: Request, limit: int = Query(100, ge=1, le=1000, desc
                    after: str | None = Query(None, max_length=64, description="the last name of the previous page")
                    ) -> SwitchList:
     state = request.app.state
-    sizes = {n: i["bytes"] for n, i in state.bank.manifest().switches.items()}
-    names = sorted(state.engine.switches)
+    sizes = state.bank.manifest().switches
+    served = state.engine.switches
+    page, next_after = page_of(sorted(served), limit, after)
+    out = []
+    for name in page:
+        d = describe(served[name])
+        out.append(SwitchSummary(name=name, classes=d["classes"], alpha=d["alpha"], parameters=d["parameters"],
+                                 bits_per_param=round(d["bits_per_param"], 4),
+                                 file_bytes=sizes.get(name, {}).get("bytes", 0), queries=d["queries"]))
+    return SwitchList(generation=state.engine.generation, total=len(served), switches=out, next_after=next_after)
+
+
+def page_of(names: list[str], limit: int, after: str | None) -> tuple[list[str], str | None]:
+    """The ``limit`` sorted ``names`` after ``after``, and the name to ask the next page after (None
+    on the last page)."""
     start = bisect.bisect_right(names, after) if after is not None else 0
     page = names[start:start + limit]
-    served = state.engine.switches
-    out = []
-    for name, sw in ((n, served[n]) for n in page if n in served):
-        d = describe(sw)
-        out.append(SwitchSummary(name=name, classes=d["classes"], alpha=d["alpha"], parameters=d["parameters"],
-                                 bits_per_param=round(d["bits_per_param"], 4), file_bytes=sizes.get(name, 0),
-                                 queries=d["queries"]))
-    more = start + limit < len(names)
-    return SwitchList(generation=state.engine.generation, total=len(names), switches=out,
-                      next_after=page[-1] if more and page else None)
+    return page, page[-1] if page and start + limit < len(names) else None
