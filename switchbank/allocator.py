@@ -4,6 +4,8 @@ to keep and when to hand back freed memory (no-ops under another C library)."""
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
 import os
 
 
@@ -77,14 +79,9 @@ def plain_pages(shape: tuple[int, ...], dtype):
     table runs as fast on either (a bfloat16 scan of 100,000 1280-d rows: 14.7-15.2 ms). The pages
     are an anonymous mapping, handed back when the tensor is freed.
     """
-    import mmap
+    import torch  # here: the server imports this module before torch, on another thread
 
-    import torch
-
-    numel = 1
-    for n in shape:
-        numel *= int(n)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < PLAIN_MIN:
         return torch.empty(shape, dtype=dtype)
     pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
