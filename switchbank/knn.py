@@ -438,12 +438,21 @@ class IVF:
     index tracks how far added rows lie from their centres (:meth:`drift`), and the router rebuilds
     it once they lie DRIFT times as far as the rows it was built with (rows like those measured
     1.03-1.04 on that bank, uploaded in shuffled order).
+
+    A rebuild does not help a bank that stays lopsided: hundreds of switches of four tasks and one
+    each of two others gave lists centred on the four, with the two tasks' rows in lists whose
+    centres are far from them and from their queries, which then probe other lists (17.6% of one
+    task's held-out images routed as exact search routes them). So the rows farthest from every
+    centre (SIDE_FAR times the training rows' mean distance or more, the farthest SIDE_MAX of them)
+    are held apart, outside the lists, and every search scans them exactly as well.
     """
 
     kind = "approximate"
     DRIFT = 1.5
     DRIFT_ROWS = 2_000  # rows added before drift is judged
     BASELINE_ROWS = 5_000  # rows beyond the training sample that set what "like the build" means
+    SIDE_FAR = 2.5  # rows this many times as far from their nearest centre as the training rows are held apart
+    SIDE_MAX = 4_096  # rows held apart at most (the farthest): an exact scan of them per search
 
     def __init__(self, dim: int, ip: bool, nlist: int, nprobe: int, train: np.ndarray, candidates: int = 64,
                  capacity: int = 0):
@@ -462,7 +471,7 @@ class IVF:
         # alone: the centres were fitted to them; all 20,000 cost 80 ms a build, these 19 ms), the
         # first BASELINE_ROWS rows added beyond the training sample while the index is built, and
         # the rows added once it is (``tracking``).
-        self.fit = float(self._far(train[:self.BASELINE_ROWS]).mean())
+        self.fit = float(self._far(train[:self.BASELINE_ROWS])[0].mean())
         self.tracking = False
         self.seen = 0
         self.baseline_far, self.baseline_rows = 0.0, 0
@@ -472,6 +481,9 @@ class IVF:
         self.full = torch.empty((capacity, dim), dtype=torch.float16)
         self.norm = torch.empty(capacity)
         self.top = 0  # rows of full and norm ever written: those below the highest id added
+        # rows held apart: their ids, distances to their nearest centre and that centre's list
+        self.side_ids, self.side_far, self.side_list = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
+        self._side_rows: torch.Tensor | None = None  # theirs as searched, made at the first search after a change
 
     def add(self, ids: np.ndarray, x: np.ndarray, norms: np.ndarray | None = None, half: np.ndarray | None = None) -> None:
         """Add rows ``x`` under ``ids``. With ``norms`` (unit rows ``x`` scaled down from rows of
@@ -508,22 +520,64 @@ class IVF:
                 at = slice(int(ids[s]), int(ids[s]) + part.shape[0]) if in_row else torch.from_numpy(ids[s:s + 1024])
                 self.full[at] = part.half()
                 self.norm[at] = 1.0 if scale is None else scale[s:s + 1024]
-        self.index.add_with_ids(x, ids)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        far, lists = self._far(x)
+        self._into_lists(*self._hold_apart(ids, x, far, lists))
         if self.tracking:
-            self.added_far += float(self._far(x).sum())
+            self.added_far += float(far.sum())
             self.added_rows += int(ids.size)
         elif self.baseline_rows < self.BASELINE_ROWS and self.seen + ids.size > self.trained_on:
             # a build adds the training sample first, in the order it was drawn
             start = max(0, self.trained_on - self.seen)
-            part = x[start:start + self.BASELINE_ROWS - self.baseline_rows]
-            self.baseline_far += float(self._far(part).sum())
+            part = far[start:start + self.BASELINE_ROWS - self.baseline_rows]
+            self.baseline_far += float(part.sum())
             self.baseline_rows += part.shape[0]
         self.seen += int(ids.size)
 
-    def _far(self, x: np.ndarray) -> np.ndarray:
-        """Each row's distance to its nearest list centre (1 - inner product for unit rows)."""
-        d, _ = self.quantizer.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-        return 1.0 - d[:, 0] if self.ip else d[:, 0]
+    def _far(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's distance to its nearest list centre (1 - inner product for unit rows), and
+        that centre's list: the assignment faiss would make when adding the row, made once here."""
+        d, lists = self.quantizer.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+        return (1.0 - d[:, 0] if self.ip else d[:, 0]), lists[:, 0]
+
+    def _hold_apart(self, ids: np.ndarray, x: np.ndarray, far: np.ndarray, lists: np.ndarray):
+        """Hold apart the new rows farthest from their centres, up to SIDE_MAX with those held
+        already; returns (ids, rows, lists) of what goes into the lists: the other new rows, and
+        rows held until now that farther ones displace."""
+        apart = far > self.SIDE_FAR * self.fit
+        if not apart.any():
+            return ids, x, lists
+        side_ids = np.concatenate([self.side_ids, ids[apart]])
+        side_far = np.concatenate([self.side_far, far[apart].astype(np.float32)])
+        side_list = np.concatenate([self.side_list, lists[apart]])
+        keep = np.ones(side_ids.size, dtype=bool)
+        if side_ids.size > self.SIDE_MAX:
+            keep[:] = False
+            keep[np.argpartition(-side_far, self.SIDE_MAX - 1)[:self.SIDE_MAX]] = True
+        old = self.side_ids.size
+        out = ~apart
+        out[np.flatnonzero(apart)[~keep[old:]]] = True  # new rows not kept
+        gone = np.flatnonzero(~keep[:old])  # rows held until now, displaced
+        self.side_ids, self.side_far, self.side_list = side_ids[keep], side_far[keep], side_list[keep]
+        self._side_rows = None
+        ids, x, lists = ids[out], x[out], lists[out]
+        if gone.size:
+            back = self._rows_of(side_ids[gone])
+            ids = np.concatenate([ids, side_ids[gone]])
+            x = np.concatenate([x, back])
+            lists = np.concatenate([lists, side_list[gone]])
+        return ids, x, lists
+
+    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """float32 rows of ``ids`` as added (to float32 rounding of their float16 form)."""
+        at = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
+        return (self.full.index_select(0, at).float() / self.norm.index_select(0, at).unsqueeze(1)).numpy()
+
+    def _into_lists(self, ids: np.ndarray, x: np.ndarray, lists: np.ndarray) -> None:
+        if ids.size:
+            ids, x = np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(x, dtype=np.float32)
+            lists = np.ascontiguousarray(lists, dtype=np.int64)
+            self.index.add_core(ids.size, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
 
     def drift(self) -> float:
         """How much farther from their list centres the rows added since the build lie than the
@@ -539,18 +593,36 @@ class IVF:
     def remove(self, ids) -> None:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size:
+            held = np.isin(self.side_ids, ids)
+            if held.any():
+                self.side_ids, self.side_far, self.side_list = (a[~held] for a in (self.side_ids, self.side_far, self.side_list))
+                self._side_rows = None
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.index.ntotal) + int(self.side_ids.size)
 
     def nbytes(self) -> int:
         # rows never written are allocated but not resident
-        return int(self.index.ntotal) * (self.index.code_size + 8) + self.nlist * self.dim * 4 + self.top * (self.dim * 2 + 4)
+        return (int(self.index.ntotal) * (self.index.code_size + 8) + self.nlist * self.dim * 4
+                + self.top * (self.dim * 2 + 4) + self.side_ids.size * (self.dim * 4 + 24))
+
+    def _side_nearest(self, x: np.ndarray, m: int) -> np.ndarray:
+        """Ids of the ``m`` rows held apart nearest each query, by an exact scan."""
+        if self._side_rows is None:
+            self._side_rows = torch.from_numpy(self._rows_of(self.side_ids))
+        rows = self._side_rows
+        dots = torch.from_numpy(x) @ rows.T
+        dist = -dots if self.ip else (rows * rows).sum(1) - 2 * dots
+        take = min(m, rows.shape[0])
+        at = torch.topk(dist, take, dim=1, largest=False, sorted=False).indices.numpy()
+        return self.side_ids[at]
 
     def search(self, x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
         _, ids = self.index.search(x, max(m, self.candidates))
+        if self.side_ids.size:  # ranked with the lists' candidates below
+            ids = np.concatenate([ids, self._side_nearest(x, m)], axis=1)
         valid = torch.from_numpy(ids >= 0)
         flat = torch.from_numpy(np.where(ids >= 0, ids, 0).reshape(-1))
         vecs = self.full.index_select(0, flat).view(ids.shape[0], ids.shape[1], self.dim).float()

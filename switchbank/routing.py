@@ -516,5 +516,5 @@ class Router:
         if isinstance(idx, IVF):
             out.update(nlist=idx.nlist, nprobe=idx.index.nprobe, candidates=idx.candidates,
                        trained_on=idx.trained_on, built_on=idx.built_on, added_since_built=idx.added_rows,
-                       drift=round(idx.drift(), 3))
+                       drift=round(idx.drift(), 3), held_apart=int(idx.side_ids.size))
         return out

@@ -297,3 +297,79 @@ def test_a_table_that_starts_small_turns_compact_as_it_grows(ip, monkeypatch):
     assert grown.full is not None and not grown._aside
     (d1, i1), (d2, i2) = grown.search(q, 10), plain.search(q, 10)
     assert np.array_equal(i1, i2) and np.array_equal(d1, d2)
+
+
+def lopsided(ip: bool, seed: int = 5):
+    """Four tasks' many rows around their centres and one new domain's few rows around a centre of
+    its own, far from all of them (an IVF's lists trained on the four leave it none)."""
+    g = np.random.default_rng(seed)
+    centres = 3 * g.normal(size=(5, 32)).astype(np.float32)
+    common = np.repeat(centres[:4], 1500, axis=0) + g.normal(size=(6000, 32)).astype(np.float32)
+    rare = centres[4] + g.normal(size=(40, 32)).astype(np.float32)
+    queries = centres[4] + g.normal(size=(12, 32)).astype(np.float32)
+    if ip:
+        common, rare, queries = (v / np.linalg.norm(v, axis=1, keepdims=True) for v in (common, rare, queries))
+    return common[g.permutation(6000)], rare, queries  # the first rows, an IVF's training sample, of all four
+
+
+@pytest.mark.parametrize("ip", [True, False])
+def test_rows_far_from_every_list_are_held_apart_and_searched_exactly(ip, monkeypatch):
+    """Rows of a domain the lists were not centred on lie in lists that their own queries do not
+    probe; held apart and scanned exactly, they are found as an exact search finds them."""
+    from switchbank.knn import IVF
+    common, rare, queries = lopsided(ip)
+    x = np.concatenate([common, rare])
+    ids = np.arange(x.shape[0])
+    order = np.random.default_rng(0).permutation(x.shape[0])
+    want, _ = truth(x, ids, queries, ip, 10)
+
+    def built():
+        index = IVF(32, ip, 16, 2, common[:2000])
+        for part in np.array_split(order, 5):
+            index.add(ids[part], x[part])
+        return index
+
+    monkeypatch.setattr(IVF, "SIDE_FAR", float("inf"))  # none held apart
+    plain = built()
+    assert plain.side_ids.size == 0 and plain.ntotal == x.shape[0]
+    if ip:  # the inner product's lists miss them (Euclidean ones happen not to, on these rows)
+        assert (np.sort(plain.search(queries, 10)[1], 1) != np.sort(want, 1)).any(axis=1).sum() >= 2
+    monkeypatch.undo()
+    index = built()
+    assert set(range(6000, 6040)) <= set(index.side_ids.tolist()) and index.side_ids.size <= IVF.SIDE_MAX
+    assert index.ntotal == x.shape[0] == index.index.ntotal + index.side_ids.size
+    assert np.array_equal(np.sort(index.search(queries, 10)[1], 1), np.sort(want, 1))
+    # rows of the four tasks are still found where they were
+    near = common[::500] + 0.01
+    assert np.array_equal(index.search(near, 1)[1][:, 0], truth(x, ids, near, ip, 1)[0][:, 0])
+
+
+@pytest.mark.parametrize("ip", [True, False])
+def test_rows_held_apart_stay_within_the_limit_and_leave_when_removed(ip, monkeypatch):
+    """The farthest SIDE_MAX rows are held apart; those that farther ones displace go into the
+    lists and are found there; removed rows, held apart or not, are never returned."""
+    from switchbank.knn import IVF
+    monkeypatch.setattr(IVF, "SIDE_MAX", 15)
+    common, rare, _ = lopsided(ip)
+    index = IVF(32, ip, 16, 16, common[:2000])  # every list probed: whatever is in a list is found
+    index.add(np.arange(6000), common)
+    far = index._far(rare)[0]
+    by_far = np.argsort(far)
+    index.add(6000 + by_far[:20], rare[by_far[:20]])  # the nearer half first, then the farther
+    held_first = set(index.side_ids.tolist())
+    index.add(6000 + by_far[20:], rare[by_far[20:]])
+    x = np.concatenate([common, rare])
+    all_far = index._far(x)[0]
+    farthest = np.argsort(all_far)[-15:]
+    assert all_far[farthest].min() > IVF.SIDE_FAR * index.fit
+    assert sorted(index.side_ids.tolist()) == sorted(farthest.tolist())
+    assert index.ntotal == 6040 and index.index.ntotal == 6025
+    assert np.array_equal(index.search(rare, 1)[1][:, 0], truth(x, np.arange(6040), rare, ip, 1)[0][:, 0])
+    displaced = sorted(held_first - set(index.side_ids.tolist()))
+    assert len(held_first) == 15 and displaced  # into the lists, by the new domain's farther rows
+    assert index.search(x[displaced], 1)[1][:, 0].tolist() == displaced
+    gone = [int(farthest[-1]), displaced[-1], int(np.argmin(all_far))]  # held apart, displaced, never apart
+    index.remove(gone)
+    assert index.ntotal == 6037 and index.side_ids.size == 14
+    _, got = index.search(np.concatenate([rare, common[:50]]), 30)
+    assert not set(got.ravel().tolist()) & set(gone)

@@ -201,6 +201,28 @@ def test_tasks_of_a_domain_the_ivf_was_not_trained_on_make_it_rebuild(metric, mo
     assert agree >= 0.95, agree
 
 
+def test_a_task_of_a_domain_the_bank_holds_little_of_routes_as_exact_search_does():
+    """A bank of many tasks of a few domains and one task of another: the IVF's lists are centred on
+    the many, and its queries would probe lists that miss its examples; held apart, they are found."""
+    g = np.random.default_rng(2)
+
+    def domain(centre, n, prefix):
+        return {f"{prefix}{i}": (centre + 0.5 * g.normal(size=32) + 0.2 * g.normal(size=(50, 32))).astype(np.float32)
+                for i in range(n)}
+
+    centres = 3 * g.normal(size=(5, 32))
+    data = {t: v for c, centre in enumerate(centres[:4]) for t, v in domain(centre, 30, f"d{c}-").items()}
+    data["lone"] = (centres[4] + 0.2 * g.normal(size=(50, 32))).astype(np.float32)
+    r = Router(dim=32, k=10, metric="cosine", exact_max=1500, nprobe=2)
+    r.load(source_of(data), {t: 50 for t in data})
+    exact = Router(dim=32, k=10, metric="cosine")
+    exact.load(source_of(data), {t: 50 for t in data})
+    queries = (centres[4] + 0.3 * g.normal(size=(40, 32))).astype(np.float32)
+    assert all(c == {"lone": 10} for c in exact.counts(queries))
+    assert r.counts(queries) == exact.counts(queries)
+    assert r.kind == "approximate" and r.stats()["held_apart"] >= 50
+
+
 def test_changes_made_during_a_background_rebuild_are_replayed_onto_the_new_index(monkeypatch):
     """Adds, replacements and removals while a rebuild runs reach the index it swaps in: most of
     them replayed outside the lock that searches take, the last few with the swap. Searches keep
