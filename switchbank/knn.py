@@ -444,7 +444,7 @@ class IVF:
     centres are far from them and from their queries, which then probe other lists (17.6% of one
     task's held-out images routed as exact search routes them). So the rows farthest from every
     centre (SIDE_FAR times the training rows' mean distance or more, the farthest SIDE_MAX of them)
-    are held apart, outside the lists, and every search scans them exactly as well.
+    are also held apart, and every search scans those exactly beside the lists it probes.
     """
 
     kind = "approximate"
@@ -481,9 +481,9 @@ class IVF:
         self.full = torch.empty((capacity, dim), dtype=torch.float16)
         self.norm = torch.empty(capacity)
         self.top = 0  # rows of full and norm ever written: those below the highest id added
-        # rows held apart: their ids, distances to their nearest centre and that centre's list
-        self.side_ids, self.side_far, self.side_list = np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
-        self._side_rows: torch.Tensor | None = None  # theirs as searched, made at the first search after a change
+        # rows held apart (in their lists too): their ids and distances to their nearest centre
+        self.side_ids, self.side_far = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        self._side_rows: tuple | None = None  # their float32 rows and squared norms, made when first searched
 
     def add(self, ids: np.ndarray, x: np.ndarray, norms: np.ndarray | None = None, half: np.ndarray | None = None) -> None:
         """Add rows ``x`` under ``ids``. With ``norms`` (unit rows ``x`` scaled down from rows of
@@ -522,7 +522,9 @@ class IVF:
                 self.norm[at] = 1.0 if scale is None else scale[s:s + 1024]
         x = np.ascontiguousarray(x, dtype=np.float32)
         far, lists = self._far(x)
-        self._into_lists(*self._hold_apart(ids, x, far, lists))
+        ids64 = np.ascontiguousarray(ids, dtype=np.int64)
+        self.index.add_core(ids64.size, faiss.swig_ptr(x), faiss.swig_ptr(ids64), faiss.swig_ptr(lists))
+        self._hold_apart(ids64, far)
         if self.tracking:
             self.added_far += float(far.sum())
             self.added_rows += int(ids.size)
@@ -536,48 +538,23 @@ class IVF:
 
     def _far(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each row's distance to its nearest list centre (1 - inner product for unit rows), and
-        that centre's list: the assignment faiss would make when adding the row, made once here."""
+        that centre's list: the assignment faiss makes to add the row (made here once, for both)."""
         d, lists = self.quantizer.search(np.ascontiguousarray(x, dtype=np.float32), 1)
-        return (1.0 - d[:, 0] if self.ip else d[:, 0]), lists[:, 0]
+        return (1.0 - d[:, 0] if self.ip else d[:, 0]), np.ascontiguousarray(lists[:, 0])
 
-    def _hold_apart(self, ids: np.ndarray, x: np.ndarray, far: np.ndarray, lists: np.ndarray):
+    def _hold_apart(self, ids: np.ndarray, far: np.ndarray) -> None:
         """Hold apart the new rows farthest from their centres, up to SIDE_MAX with those held
-        already; returns (ids, rows, lists) of what goes into the lists: the other new rows, and
-        rows held until now that farther ones displace."""
+        already. They stay in their lists as well: a displaced row needs no moving, and adding a
+        batch needs no copy of it without them (searches drop the rows found both ways)."""
         apart = far > self.SIDE_FAR * self.fit
         if not apart.any():
-            return ids, x, lists
+            return
         side_ids = np.concatenate([self.side_ids, ids[apart]])
         side_far = np.concatenate([self.side_far, far[apart].astype(np.float32)])
-        side_list = np.concatenate([self.side_list, lists[apart]])
-        keep = np.ones(side_ids.size, dtype=bool)
         if side_ids.size > self.SIDE_MAX:
-            keep[:] = False
-            keep[np.argpartition(-side_far, self.SIDE_MAX - 1)[:self.SIDE_MAX]] = True
-        old = self.side_ids.size
-        out = ~apart
-        out[np.flatnonzero(apart)[~keep[old:]]] = True  # new rows not kept
-        gone = np.flatnonzero(~keep[:old])  # rows held until now, displaced
-        self.side_ids, self.side_far, self.side_list = side_ids[keep], side_far[keep], side_list[keep]
-        self._side_rows = None
-        ids, x, lists = ids[out], x[out], lists[out]
-        if gone.size:
-            back = self._rows_of(side_ids[gone])
-            ids = np.concatenate([ids, side_ids[gone]])
-            x = np.concatenate([x, back])
-            lists = np.concatenate([lists, side_list[gone]])
-        return ids, x, lists
-
-    def _rows_of(self, ids: np.ndarray) -> np.ndarray:
-        """float32 rows of ``ids`` as added (to float32 rounding of their float16 form)."""
-        at = torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))
-        return (self.full.index_select(0, at).float() / self.norm.index_select(0, at).unsqueeze(1)).numpy()
-
-    def _into_lists(self, ids: np.ndarray, x: np.ndarray, lists: np.ndarray) -> None:
-        if ids.size:
-            ids, x = np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(x, dtype=np.float32)
-            lists = np.ascontiguousarray(lists, dtype=np.int64)
-            self.index.add_core(ids.size, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+            keep = np.argpartition(-side_far, self.SIDE_MAX - 1)[:self.SIDE_MAX]
+            side_ids, side_far = side_ids[keep], side_far[keep]
+        self.side_ids, self.side_far, self._side_rows = side_ids, side_far, None
 
     def drift(self) -> float:
         """How much farther from their list centres the rows added since the build lie than the
@@ -595,34 +572,33 @@ class IVF:
         if ids.size:
             held = np.isin(self.side_ids, ids)
             if held.any():
-                self.side_ids, self.side_far, self.side_list = (a[~held] for a in (self.side_ids, self.side_far, self.side_list))
+                self.side_ids, self.side_far = self.side_ids[~held], self.side_far[~held]
                 self._side_rows = None
             self.index.remove_ids(faiss.IDSelectorBatch(ids))
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal) + int(self.side_ids.size)
+        return int(self.index.ntotal)
 
     def nbytes(self) -> int:
         # rows never written are allocated but not resident
         return (int(self.index.ntotal) * (self.index.code_size + 8) + self.nlist * self.dim * 4
-                + self.top * (self.dim * 2 + 4) + self.side_ids.size * (self.dim * 4 + 24))
+                + self.top * (self.dim * 2 + 4) + self.side_ids.size * (self.dim * 4 + 12))
 
-    def _side_nearest(self, x: np.ndarray, m: int) -> np.ndarray:
-        """Ids of the ``m`` rows held apart nearest each query, by an exact scan."""
+    def _side_nearest(self, x: np.ndarray, m: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The ``m`` rows held apart nearest each query, by an exact scan: (distances, ids)."""
         if self._side_rows is None:
-            self._side_rows = torch.from_numpy(self._rows_of(self.side_ids))
-        rows = self._side_rows
-        dots = torch.from_numpy(x) @ rows.T
-        dist = -dots if self.ip else (rows * rows).sum(1) - 2 * dots
-        take = min(m, rows.shape[0])
-        at = torch.topk(dist, take, dim=1, largest=False, sorted=False).indices.numpy()
-        return self.side_ids[at]
+            at = torch.from_numpy(self.side_ids)
+            rows = self.full.index_select(0, at).float() / self.norm.index_select(0, at).unsqueeze(1)
+            self._side_rows = (rows, (rows * rows).sum(1))
+        rows, sq = self._side_rows
+        dots = scores(rows, torch.from_numpy(x))
+        dist = -dots if self.ip else sq - 2 * dots
+        d, at = torch.topk(dist, min(m, rows.shape[0]), dim=1, largest=False, sorted=False)
+        return d, self.side_ids[at.numpy()]
 
     def search(self, x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
         _, ids = self.index.search(x, max(m, self.candidates))
-        if self.side_ids.size:  # ranked with the lists' candidates below
-            ids = np.concatenate([ids, self._side_nearest(x, m)], axis=1)
         valid = torch.from_numpy(ids >= 0)
         flat = torch.from_numpy(np.where(ids >= 0, ids, 0).reshape(-1))
         vecs = self.full.index_select(0, flat).view(ids.shape[0], ids.shape[1], self.dim).float()
@@ -631,5 +607,10 @@ class IVF:
         dots = torch.bmm(vecs, torch.from_numpy(x).unsqueeze(2)).squeeze(2)
         dist = -dots if self.ip else (vecs * vecs).sum(2) - 2 * dots
         dist = torch.where(valid, dist, torch.tensor(float("inf")))
+        if self.side_ids.size:  # the rows held apart, each row once: those the lists gave are dropped
+            side_d, side = self._side_nearest(x, m)
+            dup = (side[:, :, None] == ids[:, None, :]).any(2)
+            side_d[torch.from_numpy(dup)], side[dup] = float("inf"), -1
+            dist, ids = torch.cat([dist, side_d], 1), np.concatenate([ids, side], axis=1)
         d, order = torch.topk(dist, min(m, dist.shape[1]), dim=1, largest=False, sorted=True)
         return d.numpy(), np.take_along_axis(ids, order.numpy(), axis=1)
