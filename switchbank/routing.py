@@ -14,8 +14,8 @@ The index (knn.py) is exact up to a limit of distinct vectors and an IVF index w
 re-ranking above, chosen when the index is built; by default the limit follows the scan this CPU
 makes fast (EXACT_MAX with a fast bfloat16 product, EXACT_MAX_FLOAT32 without). Tasks are added
 and removed incrementally; when the index has grown or shrunk by half since it was built, crossed
-the limit, or (IVF) holds added vectors far from the ones its lists were trained on (knn.IVF.drift),
-``rebuild`` builds a new one in the background from the caller's source of embeddings while the old
+the limit, or (IVF) holds added vectors far from the ones its lists were trained on (knn.IVF.drift,
+knn.IVF.crowded), ``rebuild`` builds a new one in the background from the caller's source of embeddings while the old
 one keeps answering, then replays the changes made meanwhile.
 """
 
@@ -445,7 +445,7 @@ class Router:
             return n > self._exact_floor() and n > self.exact_limit()
         built = self._index.built_on
         return (n < self.exact_limit() // 2 or n > 2 * built or n < built // 2
-                or self._index.drift() > self._index.DRIFT)
+                or self._index.drift() > self._index.DRIFT or self._index.crowded())
 
     def rebuild(self, source: Source, counts: dict[str, int] | Callable[[], dict[str, int]],
                 background: bool = True) -> bool:
@@ -516,5 +516,5 @@ class Router:
         if isinstance(idx, IVF):
             out.update(nlist=idx.nlist, nprobe=idx.index.nprobe, candidates=idx.candidates,
                        trained_on=idx.trained_on, built_on=idx.built_on, added_since_built=idx.added_rows,
-                       drift=round(idx.drift(), 3), held_apart=int(idx.side_ids.size))
+                       drift=round(idx.drift(), 3), held_apart=int(idx.side_ids.size), turned_away=idx.turned_away)
         return out

@@ -569,3 +569,41 @@ def test_an_ivf_index_is_sized_for_the_whole_bank_when_the_exact_pass_read_past_
     stats = r.stats()
     assert stats["kind"] == "approximate" and stats["distinct_vectors"] == 45_000
     assert stats["nlist"] == ivf_lists(45_000) and stats["nprobe"] == ivf_nprobe(ivf_lists(45_000), 45_000)
+
+
+def test_a_new_domain_too_large_to_hold_apart_makes_the_ivf_rebuild_before_it_drifts(monkeypatch):
+    """Tasks of a new domain, far from every list centre, are held apart while there is room; once
+    half as many again have been turned away the index asks for a rebuild, long before its drift
+    (judged only after a twentieth of the index) would, and the rebuilt index routes them exactly."""
+    from switchbank import knn
+    monkeypatch.setattr(knn.IVF, "SIDE_MAX", 100)
+    monkeypatch.setattr(knn.IVF, "DRIFT_ROWS", 10**9)  # drift alone never fires here
+    g = np.random.default_rng(4)
+
+    def domain(centre, n, prefix):
+        return {f"{prefix}{i}": (centre + 0.5 * g.normal(size=32) + 0.2 * g.normal(size=(50, 32))).astype(np.float32)
+                for i in range(n)}
+
+    a, b = 3 * g.normal(size=32), 3 * g.normal(size=32)
+    data = domain(a, 60, "a")
+    r = Router(dim=32, k=10, metric="cosine", exact_max=1500, nprobe=2)
+    r.load(source_of(data), {t: 50 for t in data})
+    held = r.stats()["held_apart"]
+    assert r.kind == "approximate" and r.stats()["turned_away"] == 0 and not r.needs_rebuild()
+    monkeypatch.setattr(knn.IVF, "SIDE_MAX", held + 150)  # room for three new tasks' rows
+    new = domain(b, 6, "new")
+    index = r._index
+    for i, (t, v) in enumerate(new.items(), 1):
+        assert (index._far(r.prepare(v))[0] > knn.IVF.SIDE_FAR * index.fit).all()  # all far
+        data[t] = v
+        r.add(t, v)
+        away = max(0, 50 * i - 150)
+        assert r.stats()["held_apart"] == held + min(150, 50 * i) and r.stats()["turned_away"] == away
+        assert r.stats()["drift"] == 0 and r.needs_rebuild() == (away >= (held + 150) // 2), i
+    assert r.needs_rebuild()
+    assert r.rebuild(source_of(data), {t: 50 for t in data}, background=False)
+    assert r.stats()["turned_away"] == 0 and not r.needs_rebuild()
+    exact = Router(dim=32, k=10, metric="cosine")
+    exact.load(source_of(data), {t: 50 for t in data})
+    queries = np.concatenate([v[:10] for v in new.values()]) + 0.1 * g.normal(size=(60, 32)).astype(np.float32)
+    assert r.counts(queries) == exact.counts(queries)
