@@ -9,7 +9,8 @@
   IndexIVFScalarQuantizer, about a byte per dimension per vector), scanning ``nprobe`` of
   ``nlist`` lists (by default at least 16, and about 9,000 vectors at least: :func:`ivf_nprobe`),
   then the candidates ranked by exact distances on the full vectors, kept as float16 at the scale
-  a switch file gives them, so quantisation never reorders neighbours.
+  a switch file gives them, so quantisation never reorders neighbours; the vectors farthest from
+  every list centre are also held apart and scanned exactly in every search.
 Both return distances in ascending order (Euclidean squared up to a per-query constant, or minus the
 inner product for unit vectors).
 """

@@ -15,8 +15,8 @@ re-ranking above, chosen when the index is built; by default the limit follows t
 makes fast (EXACT_MAX with a fast bfloat16 product, EXACT_MAX_FLOAT32 without). Tasks are added
 and removed incrementally; when the index has grown or shrunk by half since it was built, crossed
 the limit, or (IVF) holds added vectors far from the ones its lists were trained on (knn.IVF.drift,
-knn.IVF.crowded), ``rebuild`` builds a new one in the background from the caller's source of embeddings while the old
-one keeps answering, then replays the changes made meanwhile.
+knn.IVF.crowded), ``rebuild`` builds a new one in the background from the caller's source of
+embeddings while the old one keeps answering, then replays the changes made meanwhile.
 """
 
 from __future__ import annotations
