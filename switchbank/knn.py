@@ -444,7 +444,7 @@ class IVF:
     each of two others gave lists centred on the four, with the two tasks' rows in lists whose
     centres are far from them and from their queries, which then probe other lists (17.6% of one
     task's held-out images routed as exact search routes them). So the rows farthest from every
-    centre (SIDE_FAR times the training rows' mean distance or more, the farthest SIDE_MAX of them)
+    centre (SIDE_FAR times the typical distance or more, the farthest SIDE_MAX of them)
     are also held apart, and every search scans those exactly beside the lists it probes.
     """
 
@@ -452,7 +452,7 @@ class IVF:
     DRIFT = 1.5
     DRIFT_ROWS = 2_000  # rows added before drift is judged
     BASELINE_ROWS = 5_000  # rows beyond the training sample that set what "like the build" means
-    SIDE_FAR = 2.5  # rows this many times as far from their nearest centre as the training rows are held apart
+    SIDE_FAR = 2.5  # rows this many times as far from their nearest centre as is typical are held apart
     SIDE_MAX = 4_096  # rows held apart at most (the farthest): an exact scan of them per search
 
     def __init__(self, dim: int, ip: bool, nlist: int, nprobe: int, train: np.ndarray, candidates: int = 64,
@@ -526,7 +526,6 @@ class IVF:
         far, lists = self._far(x)
         ids64 = np.ascontiguousarray(ids, dtype=np.int64)
         self.index.add_core(ids64.size, faiss.swig_ptr(x), faiss.swig_ptr(ids64), faiss.swig_ptr(lists))
-        self._hold_apart(ids64, far)
         if self.tracking:
             self.added_far += float(far.sum())
             self.added_rows += int(ids.size)
@@ -537,6 +536,7 @@ class IVF:
             self.baseline_far += float(part.sum())
             self.baseline_rows += part.shape[0]
         self.seen += int(ids.size)
+        self._hold_apart(ids64, far)
 
     def _far(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each row's distance to its nearest list centre (1 - inner product for unit rows), and
@@ -548,7 +548,7 @@ class IVF:
         """Hold apart the new rows farthest from their centres, up to SIDE_MAX with those held
         already. They stay in their lists as well: a displaced row needs no moving, and adding a
         batch needs no copy of it without them (searches drop the rows found both ways)."""
-        apart = far > self.SIDE_FAR * self.fit
+        apart = far > self.SIDE_FAR * self.typical()
         if not apart.any():
             return
         side_ids = np.concatenate([self.side_ids, ids[apart]])
@@ -576,8 +576,12 @@ class IVF:
         (a small bank's IVF), ten times nearer."""
         if self.added_rows < max(self.DRIFT_ROWS, self.built_on // 20):
             return 0.0
-        base = self.baseline_far / self.baseline_rows if self.baseline_rows else self.fit
-        return self.added_far / self.added_rows / max(base, 1e-12)
+        return self.added_far / self.added_rows / max(self.typical(), 1e-12)
+
+    def typical(self) -> float:
+        """How far the rows it was built with lie from their centres: measured beyond the training
+        sample once the build has added such rows, else on the training rows (see drift)."""
+        return self.baseline_far / self.baseline_rows if self.baseline_rows else self.fit
 
     def remove(self, ids) -> None:
         ids = np.asarray(ids, dtype=np.int64)

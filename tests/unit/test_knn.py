@@ -361,7 +361,7 @@ def test_rows_held_apart_stay_within_the_limit_and_leave_when_removed(ip, monkey
     x = np.concatenate([common, rare])
     all_far = index._far(x)[0]
     farthest = np.argsort(all_far)[-15:]
-    assert all_far[farthest].min() > IVF.SIDE_FAR * index.fit
+    assert all_far[farthest].min() > IVF.SIDE_FAR * index.typical()
     assert sorted(index.side_ids.tolist()) == sorted(farthest.tolist())
     assert index.ntotal == 6040
     assert np.array_equal(index.search(rare, 1)[1][:, 0], truth(x, np.arange(6040), rare, ip, 1)[0][:, 0])

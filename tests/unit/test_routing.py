@@ -574,7 +574,8 @@ def test_an_ivf_index_is_sized_for_the_whole_bank_when_the_exact_pass_read_past_
 def test_a_new_domain_too_large_to_hold_apart_makes_the_ivf_rebuild_before_it_drifts(monkeypatch):
     """Tasks of a new domain, far from every list centre, are held apart while there is room; once
     half as many again have been turned away the index asks for a rebuild, long before its drift
-    (judged only after a twentieth of the index) would, and the rebuilt index routes them exactly."""
+    (judged only after a twentieth of the index) would, and the rebuilt index routes them as exact
+    search does (nearly: these lists are few and small, two of 16 probed)."""
     from switchbank import knn
     monkeypatch.setattr(knn.IVF, "SIDE_MAX", 100)
     monkeypatch.setattr(knn.IVF, "DRIFT_ROWS", 10**9)  # drift alone never fires here
@@ -590,20 +591,28 @@ def test_a_new_domain_too_large_to_hold_apart_makes_the_ivf_rebuild_before_it_dr
     r.load(source_of(data), {t: 50 for t in data})
     held = r.stats()["held_apart"]
     assert r.kind == "approximate" and r.stats()["turned_away"] == 0 and not r.needs_rebuild()
+    monkeypatch.setattr(knn.IVF, "SIDE_MAX", held + 150)  # little room
+    for t, v in domain(a, 40, "more").items():  # more of the same domain: no reason to rebuild
+        data[t] = v
+        r.add(t, v)
+    assert r.stats()["turned_away"] < 50 and not r.needs_rebuild()
+    held = r.stats()["held_apart"]
     monkeypatch.setattr(knn.IVF, "SIDE_MAX", held + 150)  # room for three new tasks' rows
-    new = domain(b, 6, "new")
+    new = domain(b, 10, "new")
     index = r._index
     for i, (t, v) in enumerate(new.items(), 1):
-        assert (index._far(r.prepare(v))[0] > knn.IVF.SIDE_FAR * index.fit).all()  # all far
+        assert (index._far(r.prepare(v))[0] > knn.IVF.SIDE_FAR * index.typical()).all()  # all far
         data[t] = v
         r.add(t, v)
         away = max(0, 50 * i - 150)
         assert r.stats()["held_apart"] == held + min(150, 50 * i) and r.stats()["turned_away"] == away
-        assert r.stats()["drift"] == 0 and r.needs_rebuild() == (away >= (held + 150) // 2), i
+        # crowded: half SIDE_MAX turned away, and a tenth of all added since the build
+        assert r.stats()["drift"] == 0 and r.needs_rebuild() == (away >= max((held + 150) // 2, (2000 + 50 * i) // 10)), i
     assert r.needs_rebuild()
     assert r.rebuild(source_of(data), {t: 50 for t in data}, background=False)
     assert r.stats()["turned_away"] == 0 and not r.needs_rebuild()
     exact = Router(dim=32, k=10, metric="cosine")
     exact.load(source_of(data), {t: 50 for t in data})
-    queries = np.concatenate([v[:10] for v in new.values()]) + 0.1 * g.normal(size=(60, 32)).astype(np.float32)
-    assert r.counts(queries) == exact.counts(queries)
+    queries = np.concatenate([v[:10] for v in new.values()]) + 0.1 * g.normal(size=(100, 32)).astype(np.float32)
+    agree = np.mean([x == y for x, y in zip(exact.counts(queries), r.counts(queries))])
+    assert agree >= 0.95, agree
