@@ -24,10 +24,10 @@ import sys
 import time
 
 import numpy as np
-import torch  # before faiss, as switchbank.knn does
+import torch
 
 from bench.common import md_table, write
-from bench.router_index import distinct_queries
+from bench.router_index import distinct_queries, held_out
 
 
 def lopsided_queries(copies: int, rare: tuple[str, ...], seed: int = 0) -> dict[str, np.ndarray]:
@@ -110,15 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rare", default="stamps,textures", help="demo tasks the bank holds one switch of")
     ap.add_argument("--distinct", type=int, default=1000, help="switches of the distinct bank compared too (0: none)")
     args = ap.parse_args(argv)
-    from bench.traffic import demo_images
-    from switchbank.backbone import DEMO_ARCH, load_backbone
-
-    backbone = load_backbone(DEMO_ARCH, device="cpu")
-    images = demo_images()
-    labels = [t for t, _ in images]
-    with torch.inference_mode():
-        emb = torch.cat([backbone.forward(torch.stack([backbone.preprocess(im) for _, im in images[i:i + 64]]))
-                         for i in range(0, len(images), 64)])
+    labels, emb = held_out()
     rare = tuple(t for t in args.rare.split(",") if t)
     banks = {f"lopsided: {6 + 4 * args.copies:,} switches, one each of {', '.join(rare)}":
              (lopsided_queries(args.copies, rare), 100_000)}

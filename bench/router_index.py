@@ -47,21 +47,29 @@ def distinct_queries(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--switches", type=int, default=1000)
-    ap.add_argument("--ef", default="64,128,256,512")
-    ap.add_argument("--nprobe", default="8,16,32", help="lists the IVF index scans per query (the default is added)")
-    args = ap.parse_args(argv)
+def held_out() -> tuple[list[str], torch.Tensor]:
+    """The held-out demo images' tasks and their router embeddings (the pretrained demo tower)."""
     from bench.traffic import demo_images
     from switchbank.backbone import DEMO_ARCH, load_backbone
-    from switchbank.routing import Router
 
     backbone = load_backbone(DEMO_ARCH, device="cpu")
     images = demo_images()
     with torch.inference_mode():
         emb = torch.cat([backbone.forward(torch.stack([backbone.preprocess(im) for _, im in images[i:i + 64]]))
                          for i in range(0, len(images), 64)])
+    return [t for t, _ in images], emb
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--switches", type=int, default=1000)
+    ap.add_argument("--ef", default="64,128,256,512")
+    ap.add_argument("--nprobe", default="8,16,32", help="lists the IVF index scans per query (the default is added)")
+    args = ap.parse_args(argv)
+    from switchbank.routing import Router
+
+    _, emb = held_out()
+    dim = emb.shape[1]
     queries = distinct_queries(args.switches)
     counts = {n: q.shape[0] for n, q in queries.items()}
 
@@ -86,7 +94,7 @@ def main(argv=None) -> int:
         print(indexes[-1], flush=True)
 
     def built(**kw):
-        router = Router(backbone.embed_dim, 10, "cosine", **kw)
+        router = Router(dim, 10, "cosine", **kw)
         t0 = time.perf_counter()
         router.load(source, counts)
         return router, time.perf_counter() - t0
