@@ -9,11 +9,11 @@ centre, and their own queries probe other lists. The bank here: the six demo swi
 as bench.scale makes distinct banks), so that two tasks keep one switch each. For the router's IVF
 index (exact_max 100,000, so that it is used at this size) with the vectors farthest from every
 list centre held apart and scanned exactly (the default), and with none held apart (as before),
-it measures the build time (mean of two), the k-NN time for a batch of 16 held-out demo images (median over 20
-batches searched 5 times, the two indexes alternating batch by batch) and on how many held-out images, overall and per
-task, the routing weights equal those of a float32 exact search. ``--distinct N`` repeats the
-comparison on a distinct bank of N switches (bench.scale's, IVF from 20,000 vectors) to show what
-holding vectors apart costs where no domain is rare.
+it measures the build time (mean of two), the k-NN time for a batch of 16 held-out demo images
+(median over 20 batches searched 5 times, the two indexes alternating batch by batch) and on how
+many held-out images, overall and per task, the routing weights equal those of a float32 exact
+search. ``--distinct N`` repeats the comparison on a distinct bank of N switches (bench.scale's,
+IVF from 20,000 vectors) to show what holding vectors apart costs where no domain is rare.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ import torch
 
 from bench.common import md_table, write
 from bench.router_index import distinct_queries, held_out
+from bench.scale import query_offset
 
 
 def lopsided_queries(copies: int, rare: tuple[str, ...], seed: int = 0) -> dict[str, np.ndarray]:
     """The six demo switches' queries, plus ``copies`` moved copies of each demo task not in ``rare``."""
     demo = distinct_queries(6)
     norms = np.median([np.linalg.norm(q, axis=1).mean() for q in demo.values()])
-    from bench.scale import query_offset
     rng = np.random.default_rng(seed)
     out = dict(demo)
     for task in sorted(demo):
