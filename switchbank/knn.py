@@ -601,11 +601,15 @@ class IVF:
         return (int(self.index.ntotal) * (self.index.code_size + 8) + self.nlist * self.dim * 4
                 + self.top * (self.dim * 2 + 4) + self.side_ids.size * (self.dim * 4 + 12))
 
+    def _as_added(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 rows of ``ids`` as they were added, to float32 rounding (the kept float16 rows
+        divided by their norms)."""
+        return self.full.index_select(0, ids).float().div_(self.norm.index_select(0, ids).unsqueeze(1))
+
     def _side_nearest(self, x: np.ndarray, m: int) -> tuple[torch.Tensor, np.ndarray]:
         """The ``m`` rows held apart nearest each query, by an exact scan: (distances, ids)."""
         if self._side_rows is None:
-            at = torch.from_numpy(self.side_ids)
-            rows = self.full.index_select(0, at).float() / self.norm.index_select(0, at).unsqueeze(1)
+            rows = self._as_added(torch.from_numpy(self.side_ids))
             self._side_rows = (rows, (rows * rows).sum(1))
         rows, sq = self._side_rows
         dots = scores(rows, torch.from_numpy(x))
@@ -617,9 +621,7 @@ class IVF:
         _, ids = self.index.search(x, max(m, self.candidates))
         valid = torch.from_numpy(ids >= 0)
         flat = torch.from_numpy(np.where(ids >= 0, ids, 0).reshape(-1))
-        vecs = self.full.index_select(0, flat).view(ids.shape[0], ids.shape[1], self.dim).float()
-        norm = self.norm.index_select(0, flat).view(ids.shape)
-        vecs /= norm.unsqueeze(2)  # the rows as added, to float32 rounding
+        vecs = self._as_added(flat).view(ids.shape[0], ids.shape[1], self.dim)
         dots = torch.bmm(vecs, torch.from_numpy(x).unsqueeze(2)).squeeze(2)
         dist = -dots if self.ip else (vecs * vecs).sum(2) - 2 * dots
         dist = torch.where(valid, dist, torch.tensor(float("inf")))
