@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 from torch.func import functional_call
 
-from .preprocess import Preprocess
 from .checkpoints import fingerprint, image_tower, read_state_dict
 from .errors import Incompatible, SwitchBankError
+from .lean import import_without_compiler
+from .preprocess import Preprocess
+
+open_clip = import_without_compiler("open_clip")
 
 log = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).parent / "model_configs"
