@@ -2,9 +2,9 @@
 
 Importing open_clip imports timm and torchvision, and both load ``torch._dynamo`` as they import:
 torchvision's roi_align imports a helper from ``torch._dynamo.utils``, and timm decorates functions
-with ``torch.compiler.disable``, which imports the compiler to build its wrapper. That is about a
-third of the server's start (1.0-1.1 s of 2.9-3.4 s of imports on the 2-core machine measured),
-for functions no forward of an image tower calls.
+with ``torch.compiler.disable``, which imports the compiler to build its wrapper. That was about a
+third of the server's imports (1.0-1.1 s of 2.9-3.4 s on the 2-core machine measured), for
+functions no forward of an image tower calls.
 
 While open_clip imports, :func:`import_without_compiler` therefore
 
