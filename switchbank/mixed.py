@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .mixed_ops import (Groups, MixedBatchNorm, MixedConv, MixedViT, Names, _Active, _mixed_module, _Op, fold)
+from .parts import Parts, whole
 
 __all__ = ["Groups", "MixedTower", "build"]
 
@@ -38,7 +39,7 @@ class MixedTower:
     """The backbone's tower rebuilt with mixed operations (base tensors shared, never copied)."""
 
     def __init__(self, model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]):
-        self.active = _Active()
+        self.active = _Active({})
         memo = {id(t): t for t in (*params.values(), *buffers.values())}
         root = copy.deepcopy(model, memo)
         covered: set[str] = set()
@@ -58,14 +59,39 @@ class MixedTower:
         self.module = root.eval()
         self.missing = sorted(set(params) - covered)
         self.order: list[Names] = []  # parameter names in the order the forward reads them
+        self._joins: list = []  # hooks that join Parts before other modules (see set_parts)
 
     def __call__(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         self.active.groups = groups
         try:
             with torch.inference_mode():
-                return self.module(x)
+                return whole(self.module(x))
         finally:
             self.active.groups = None
+
+    @property
+    def parts(self) -> bool:
+        return self.active.parts
+
+    def set_parts(self, on: bool) -> None:
+        """Have convolutions hand on per-group Parts (parts.py); every module that is not a mixed
+        operation, a container or an identity then joins them before it runs."""
+        for h in self._joins:
+            h.remove()
+        self._joins = []
+        self.active.settings["parts"] = on
+        if not on:
+            return
+
+        def join(mod, args):
+            if any(isinstance(a, Parts) for a in args):
+                return tuple(whole(a) for a in args)
+            return None
+
+        for mod in self.module.modules():
+            if isinstance(mod, _Op) or isinstance(mod, nn.Identity) or next(mod.children(), None) is not None:
+                continue
+            self._joins.append(mod.register_forward_pre_hook(join))
 
     def trace(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         """A forward that records the order in which operations read their parameters, and which
@@ -169,6 +195,14 @@ def build(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, 
             tower.set_fused_act(True)
             if not same(tower(x, groups)):
                 tower.set_fused_act(False)
+        if not isinstance(tower.module, MixedViT):  # a ViT joins its rows after the first layer
+            tower.set_parts(True)
+            try:
+                kept = same(tower(x, groups))
+            except Exception:  # an operation between convolutions that needs the batch whole
+                kept = False
+            if not kept:
+                tower.set_parts(False)
     except Exception as exc:
         return None, f"the mixed forward failed on a probe batch: {type(exc).__name__}: {exc}"
     if set(n for names in tower.order for n in names if n) != set(params):

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .parts import Parts, per_piece, pieces_of, whole
+
 Names = tuple  # parameter names of one operation, None for an absent bias
 
 
@@ -68,8 +70,19 @@ class Groups:
 
 
 class _Active(threading.local):
+    """What the forward running on this thread reads (its Groups, a trace's record), and the
+    tower's settings, the same on every thread."""
+
     groups: Groups | None = None
     record: list | None = None
+
+    def __init__(self, settings: dict):
+        self.settings = settings  # run again on each thread, with the same dict
+
+    @property
+    def parts(self) -> bool:
+        """Whether convolutions hand on Parts (parts.py) rather than a joined batch."""
+        return self.settings.get("parts", False)
 
 
 class _Op(nn.Module):
@@ -87,11 +100,15 @@ class _Op(nn.Module):
         return g, g.tensors(self.names)
 
 
-def _per_group(groups: Groups, ts: list[tuple], x: torch.Tensor, fn) -> torch.Tensor:
-    """fn(rows, *tensors) per group on its slice of ``x`` (batch first), joined back in order."""
+def _per_group(groups: Groups, ts: list[tuple], x, fn, apart: bool = False):
+    """fn(rows, *tensors) per group on its slice of ``x`` (batch first), joined back in order; with
+    ``apart``, or for an ``x`` that is already Parts, left as Parts."""
+    if isinstance(x, Parts):
+        return Parts(fn(p, *t) for p, t in zip(x.pieces, per_piece(ts, len(x.pieces))))
     if len(ts) == 1:
         return fn(x, *ts[0])
-    return torch.cat([fn(x[s:e], *t) for (s, e), t in zip(groups.spans, ts)])
+    out = [fn(x[s:e], *t) for (s, e), t in zip(groups.spans, ts)]
+    return Parts(out) if apart else torch.cat(out)
 
 
 def _onednn_linear():
@@ -189,7 +206,7 @@ def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor, act: tuple = 
 class MixedLinear(_Op):
     def forward(self, x):
         g, ts = self.tensors()
-        return _linear_rows(g, ts, x)
+        return _linear_rows(g, ts, whole(x))
 
 
 class MixedConv(_Op):
@@ -250,25 +267,36 @@ class MixedConv(_Op):
             g, ts = self.active.groups, self.bn.fold(self)
         else:
             g, ts = self.tensors()
-        act = self.act if self.act is not None and onednn(x, ts[0][0]) else None
-        pointwise = self.pointwise and x.is_contiguous(memory_format=torch.channels_last)
+        split = isinstance(x, Parts)
+        apart = split or (self.active.parts and len(ts) > 1)
+        first = x.pieces[0] if split else x
+        act = self.act if self.act is not None and onednn(first, ts[0][0]) else None
+        pointwise = self.pointwise and all(p.is_contiguous(memory_format=torch.channels_last)
+                                           for p in (x.pieces if split else (x,)))
         if act is not None and (pointwise and _ONEDNN_LINEAR is not None or not pointwise and _ONEDNN_CONV is not None):
             self.bn.act_done = True
         else:
             act = None
         if pointwise:
-            self.in_shape = list(x.shape)
+            self.in_shape = _batch_shape(x)
+            if apart:
+                pieces = pieces_of(x, g.spans)
+                return Parts(linear(p.permute(0, 2, 3, 1), w, b, act or NO_ACT).permute(0, 3, 1, 2)
+                             for p, (w, b) in zip(pieces, per_piece(ts, len(pieces))))
             return _linear_rows(g, ts, x.permute(0, 2, 3, 1), act or NO_ACT).permute(0, 3, 1, 2)
         if act is None or self.pointwise:  # not the path prepare() reordered the weights for
             ts = [(dense(w, self.weight_shape), b) for w, b in ts]
-        if act is None and len(ts) == 1:
+        if act is None and len(ts) == 1 and not split:
             return self.plain(x, *ts[0])
         if self.same:
-            x = pad_same(x, self.kernel, self.stride, self.dilation, self._pad)
+            if split:  # a buffer kept per shape would be remade for every group size: none kept
+                x = x.map(lambda p: pad_same(p, self.kernel, self.stride, self.dilation))
+            else:
+                x = pad_same(x, self.kernel, self.stride, self.dilation, self._pad)
             padding = (0, 0)
         else:
             padding = self.padding
-        self.in_shape = list(x.shape)
+        self.in_shape = _batch_shape(x)
         if act is not None:
             stride, dilation = list(self.stride), list(self.dilation)
 
@@ -277,7 +305,10 @@ class MixedConv(_Op):
         else:
             def conv(xs, w, b):
                 return F.conv2d(xs, w, b, self.stride, padding, self.dilation, self.groups)
-        out = _per_group(g, ts, x, conv)
+        out = _per_group(g, ts, x, conv, apart)
+        if isinstance(out, Parts):
+            return out.map(lambda p: p.contiguous(memory_format=torch.channels_last)
+                           if first.is_contiguous(memory_format=torch.channels_last) else p)
         if x.is_contiguous(memory_format=torch.channels_last):
             out = out.contiguous(memory_format=torch.channels_last)
         return out
@@ -288,15 +319,23 @@ class MixedConv(_Op):
                         self.dilation, self.groups)
 
 
+def _batch_shape(x) -> list[int]:
+    """The shape of ``x`` as one batch (a Parts' rows counted together)."""
+    if isinstance(x, Parts):
+        return [sum(p.shape[0] for p in x.pieces), *x.pieces[0].shape[1:]]
+    return list(x.shape)
+
+
 PAD_KEEP_BYTES = 64 << 20  # padded buffers up to this size are kept between calls
 
 
 def pad_same(x: torch.Tensor, kernel, stride, dilation, keep: dict | None = None) -> torch.Tensor:
     """TensorFlow's "SAME" padding, as timm's Conv2dSame applies it, with one copy of ``x``.
 
-    F.pad zeroes a fresh output and then copies the interior. Here the padded buffer of the last
-    shape is kept in ``keep`` (the caller's, used by one forward at a time): its border is zero
-    from the first call on, so each later call only copies the interior.
+    F.pad zeroes a fresh output and then copies the interior. Here only the border of a fresh
+    buffer is zeroed, and the buffer of the last shape is kept in ``keep`` (the caller's, used by
+    one forward at a time): its border is zero from the first call on, so each later call only
+    copies the interior.
     """
     pads = []
     for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation):
@@ -311,7 +350,11 @@ def pad_same(x: torch.Tensor, kernel, stride, dilation, keep: dict | None = None
     key = (shape, x.dtype, x.device, fmt)
     out = keep.get(key) if keep is not None else None
     if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        out[:, :, :t].zero_()
+        out[:, :, t + h:].zero_()
+        out[:, :, :, :left].zero_()
+        out[:, :, :, left + w:].zero_()
         if keep is not None:
             keep.clear()
             if out.numel() * out.element_size() <= PAD_KEEP_BYTES:
@@ -365,7 +408,10 @@ class MixedBatchNorm(_Op):
             self.folded = False
         else:
             g, ts = self.tensors()
-            if len(ts) == 1:
+            if isinstance(x, Parts):
+                x = Parts(F.batch_norm(p, self.mean, self.var, w, b, False, 0.0, self.eps)
+                          for p, (w, b) in zip(x.pieces, per_piece(ts, len(x.pieces))))
+            elif len(ts) == 1:
                 w, b = ts[0]
                 x = F.batch_norm(x, self.mean, self.var, w, b, False, 0.0, self.eps)
             elif x.is_contiguous(memory_format=torch.channels_last):
@@ -376,6 +422,8 @@ class MixedBatchNorm(_Op):
             else:
                 scale, shift = self._affine(ts)
                 x = torch.addcmul(g.rows(shift, 2)[..., None, None], x, g.rows(scale, 2)[..., None, None])
+        if isinstance(x, Parts):
+            return x.map(lambda p: self.act(self.drop(p)))
         return self.act(self.drop(x))
 
 
@@ -396,6 +444,7 @@ class MixedLayerNorm(_Op):
 
     def forward(self, x):
         g, ts = self.tensors()
+        x = whole(x)
         dtype = x.dtype
         xin = x.float() if self.fp32 else x
         if len(ts) == 1:
@@ -411,6 +460,7 @@ class MixedLayerNorm(_Op):
 class MixedLayerScale(_Op):
     def forward(self, x):
         g, ts = self.tensors()
+        x = whole(x)
         if len(ts) == 1:
             return x * ts[0][0]
         return x * g.rows([t[0] for t in ts], x.dim())
@@ -429,7 +479,7 @@ class MixedSelfAttention(_Op):
         if (key is not None and key is not query) or (value is not None and value is not query):
             raise NotImplementedError("mixed attention supports self-attention only")
         g, ts = self.tensors()
-        qkv = _linear_rows(g, ts, query)
+        qkv = _linear_rows(g, ts, whole(query))
         b, n, d3 = qkv.shape
         q, k, v = qkv.view(b, n, 3, self.heads, d3 // (3 * self.heads)).permute(2, 0, 3, 1, 4).unbind(0)
         if attn_mask is not None:
@@ -457,7 +507,7 @@ class MixedViT(nn.Module):
 
     def forward(self, x):
         vit, g = self.vit, self.active.groups
-        x = vit.conv1(x)
+        x = whole(vit.conv1(x))
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
         cls = self._embed(g, "class_embedding")
         cls = cls[0].view(1, 1, -1).expand(x.shape[0], -1, -1) if len(cls) == 1 else g.rows(cls, 3)

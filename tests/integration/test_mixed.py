@@ -259,3 +259,64 @@ def test_cached_weights_are_reordered_for_onednn_and_answer_alike_on_every_path(
     with torch.inference_mode():  # not channels_last: pointwise convolutions run as convolutions, on weights turned back
         nchw = tower(x.contiguous(), mixed.Groups(spans, fetch, memo=memos)).float()
     close(nchw, packed)
+
+
+def test_demo_tower_keeps_the_groups_apart_between_its_convolutions(monkeypatch):
+    """The demo tower hands per-group Parts from convolution to convolution, joined only before the
+    pooling: the answers are those of the batch joined after every operation, to the bit, and those
+    of each group alone."""
+    from switchbank import parts
+    b = load_backbone(DEMO_ARCH, device="cpu")
+    tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
+    assert tower is not None, why
+    assert tower.parts
+    variants = [perturbed(b.params, s) for s in range(4)]
+    spans = [(0, 1), (1, 4), (4, 6), (6, 7)]
+    x = images(7, b.probe().shape[-1], seed=3)
+
+    def fetch(g, names):
+        return tuple(variants[g][n] if n else None for n in names)
+
+    joins = []
+    real_join = parts.Parts.join
+    monkeypatch.setattr(parts.Parts, "join", lambda self: joins.append(1) or real_join(self))
+    apart = b.forward_mixed(x, tower, mixed.Groups(spans, fetch))
+    assert 1 <= len(joins) <= 2  # once, where the trunk pools (and at most once more, for the output)
+    tower.set_parts(False)
+    joined = b.forward_mixed(x, tower, mixed.Groups(spans, fetch))
+    assert torch.equal(apart, joined)
+    for g, (s, e) in enumerate(spans):
+        close(apart[s:e], b.forward(x[s:e], variants[g]))
+
+
+class _ConvThenMean(nn.Module):
+    """Convolutions whose output a tensor method (not a module) reads: Parts cannot reach it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4).eval()
+        self.pw = nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        return self.pw(self.bn(self.conv(x))).mean((2, 3))
+
+
+def test_a_tower_that_needs_the_batch_whole_between_convolutions_keeps_it_joined():
+    model = _ConvThenMean().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    probe = images(1, 8, seed=4)
+    tower, why = mixed.build(model, params, buffers, probe)
+    assert tower is not None, why
+    assert not tower.parts
+    variants = [perturbed({k: v.detach() for k, v in params.items()}, s) for s in range(3)]
+    spans = [(0, 2), (2, 3), (3, 5)]
+    x = images(5, 8, seed=5)
+    got = tower(x, mixed.Groups(spans, lambda g, names: tuple(variants[g][n] if n else None for n in names)))
+    for g, (s, e) in enumerate(spans):
+        want = torch.func.functional_call(model, ({**variants[g]}, buffers), (x[s:e],))
+        close(got[s:e], want)
