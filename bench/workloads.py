@@ -44,8 +44,7 @@ class Workload:
 
 def task_images(backbone: Backbone, task_index: int, n: int, seed: int = 0) -> torch.Tensor:
     """Inputs whose statistics differ per task: a per-task colour cast plus noise."""
-    size = backbone.preprocess.transforms[1].size
-    h, w = size if isinstance(size, (tuple, list)) else (size, size)
+    h, w = backbone.probe().shape[-2:]
     g = torch.Generator().manual_seed(1000 * task_index + seed)
     cast = torch.randn(3, 1, 1, generator=g)
     return cast + 0.5 * torch.randn(n, 3, h, w, generator=g)
