@@ -6,7 +6,10 @@ the final projection), so a row served with theta0 + sum_t w_t tau_t never needs
 Rows are sorted so that rows sharing weights (a *group*) are a contiguous slice of the batch; the
 batch then runs through the tower once: every parameter-free operation (activations, attention,
 softmax, pooling, residual adds) on all rows together, and each parameterised operation per group,
-with that group's tensors. Norms and embeddings take per-row parameters in one op. Modules that fuse
+with that group's tensors. Norms and embeddings take per-row parameters in one op. In a convolution
+tower the groups' activations stay apart from one convolution to the next (parts.py), so the
+activations and residual adds between them run per group too, and the batch is joined before the
+first other module. Modules that fuse
 an activation after the affine part (timm's BatchNormAct2d) are split, so that the mixing happens
 before the non-linearity; attention runs its in- and out-projections per group and the attention
 itself on the whole batch.

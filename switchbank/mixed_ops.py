@@ -1,8 +1,9 @@
 """The operations of the mixed forward (mixed.py): each parameterised operation of a tower, run
 per group of rows on that group's tensors, which it reads from the active Groups.
 
-Linear and pointwise convolutions write each group's rows into one output; norms, layer scales and
-embeddings take per-row parameters in one operation; a convolution whose output feeds a BatchNorm
+Linears write each group's rows into one output, and so do convolutions, unless the tower keeps the
+groups apart (parts.py): then they hand on one tensor per group, which the next convolution or norm
+takes as it is; norms, layer scales and embeddings take per-row parameters in one operation; a convolution whose output feeds a BatchNorm
 and nothing else gets the norm's affine part folded into each group's weights (exact up to
 rounding), which saves a pass over the activations; attention runs its projections per group and
 the attention itself on the whole batch.
