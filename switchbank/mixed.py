@@ -9,10 +9,9 @@ softmax, pooling, residual adds) on all rows together, and each parameterised op
 with that group's tensors. Norms and embeddings take per-row parameters in one op. In a convolution
 tower the groups' activations stay apart from one convolution to the next (parts.py), so the
 activations and residual adds between them run per group too, and the batch is joined before the
-first other module. Modules that fuse
-an activation after the affine part (timm's BatchNormAct2d) are split, so that the mixing happens
-before the non-linearity; attention runs its in- and out-projections per group and the attention
-itself on the whole batch.
+first other module. Modules that fuse an activation after the affine part (timm's BatchNormAct2d)
+are split, so that the mixing happens before the non-linearity; attention runs its in- and
+out-projections per group and the attention itself on the whole batch.
 
 Where each group's tensors come from is the caller's business (``Groups.fetch``): a cached merged
 tower for a hot combination, or tensors merged just in time (see jit.py).

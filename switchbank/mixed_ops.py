@@ -3,10 +3,10 @@ per group of rows on that group's tensors, which it reads from the active Groups
 
 Linears write each group's rows into one output, and so do convolutions, unless the tower keeps the
 groups apart (parts.py): then they hand on one tensor per group, which the next convolution or norm
-takes as it is; norms, layer scales and embeddings take per-row parameters in one operation; a convolution whose output feeds a BatchNorm
-and nothing else gets the norm's affine part folded into each group's weights (exact up to
-rounding), which saves a pass over the activations; attention runs its projections per group and
-the attention itself on the whole batch.
+takes as it is. Norms, layer scales and embeddings take per-row parameters in one operation; a
+convolution whose output feeds a BatchNorm and nothing else gets the norm's affine part folded into
+each group's weights (exact up to rounding), which saves a pass over the activations; attention
+runs its projections per group and the attention itself on the whole batch.
 """
 
 from __future__ import annotations
