@@ -104,12 +104,12 @@ class _Op(nn.Module):
 def _per_group(groups: Groups, ts: list[tuple], x, fn, apart: bool = False):
     """fn(rows, *tensors) per group on its slice of ``x`` (batch first), joined back in order; with
     ``apart``, or for an ``x`` that is already Parts, left as Parts."""
-    if isinstance(x, Parts):
-        return Parts(fn(p, *t) for p, t in zip(x.pieces, per_piece(ts, len(x.pieces))))
-    if len(ts) == 1:
+    split = isinstance(x, Parts)
+    if len(ts) == 1 and not split:
         return fn(x, *ts[0])
-    out = [fn(x[s:e], *t) for (s, e), t in zip(groups.spans, ts)]
-    return Parts(out) if apart else torch.cat(out)
+    pieces = pieces_of(x, groups.spans)
+    out = [fn(p, *t) for p, t in zip(pieces, per_piece(ts, len(pieces)))]
+    return Parts(out) if apart or split else torch.cat(out)
 
 
 def _onednn_linear():
@@ -271,6 +271,7 @@ class MixedConv(_Op):
         split = isinstance(x, Parts)
         apart = split or (self.active.parts and len(ts) > 1)
         first = x.pieces[0] if split else x
+        channels_last = first.is_contiguous(memory_format=torch.channels_last)
         act = self.act if self.act is not None and onednn(first, ts[0][0]) else None
         pointwise = self.pointwise and all(p.is_contiguous(memory_format=torch.channels_last)
                                            for p in (x.pieces if split else (x,)))
@@ -281,9 +282,8 @@ class MixedConv(_Op):
         if pointwise:
             self.in_shape = _batch_shape(x)
             if apart:
-                pieces = pieces_of(x, g.spans)
-                return Parts(linear(p.permute(0, 2, 3, 1), w, b, act or NO_ACT).permute(0, 3, 1, 2)
-                             for p, (w, b) in zip(pieces, per_piece(ts, len(pieces))))
+                return _per_group(g, ts, x, lambda p, w, b: linear(p.permute(0, 2, 3, 1), w, b, act or NO_ACT)
+                                  .permute(0, 3, 1, 2), apart=True)
             return _linear_rows(g, ts, x.permute(0, 2, 3, 1), act or NO_ACT).permute(0, 3, 1, 2)
         if act is None or self.pointwise:  # not the path prepare() reordered the weights for
             ts = [(dense(w, self.weight_shape), b) for w, b in ts]
@@ -307,12 +307,11 @@ class MixedConv(_Op):
             def conv(xs, w, b):
                 return F.conv2d(xs, w, b, self.stride, padding, self.dilation, self.groups)
         out = _per_group(g, ts, x, conv, apart)
+        if not channels_last:
+            return out
         if isinstance(out, Parts):
-            return out.map(lambda p: p.contiguous(memory_format=torch.channels_last)
-                           if first.is_contiguous(memory_format=torch.channels_last) else p)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+            return out.map(lambda p: p.contiguous(memory_format=torch.channels_last))
+        return out.contiguous(memory_format=torch.channels_last)
 
 
     def _same(self, x, w, b):
@@ -410,8 +409,8 @@ class MixedBatchNorm(_Op):
         else:
             g, ts = self.tensors()
             if isinstance(x, Parts):
-                x = Parts(F.batch_norm(p, self.mean, self.var, w, b, False, 0.0, self.eps)
-                          for p, (w, b) in zip(x.pieces, per_piece(ts, len(x.pieces))))
+                x = _per_group(g, ts, x, lambda p, w, b: F.batch_norm(p, self.mean, self.var, w, b, False, 0.0,
+                                                                      self.eps))
             elif len(ts) == 1:
                 w, b = ts[0]
                 x = F.batch_norm(x, self.mean, self.var, w, b, False, 0.0, self.eps)
