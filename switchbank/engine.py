@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import fused, mixed, packing
+from .arena import run_apart
 from .backbone import Backbone
 from .cache import DeltaCache
 from .combine import merged_params, owned_bytes
@@ -216,8 +217,12 @@ class Engine(SwitchSet):
     def materialise(self, combo: Combination, switches: dict[str, Switch]) -> tuple[Merged, int]:
         """The merged weights of ``combo`` as the forward reads them, and the bytes they own (the
         cache's unit): for the mixed forward, its tensors with convolutions and their norms
-        folded; otherwise a replica of the tower holding them."""
+        folded; otherwise a replica of the tower holding them. Built on a thread of its own, so
+        that cached towers do not take the memory the forward reuses (arena.py)."""
         self.warm_up()
+        return run_apart(self._materialise, combo, switches)
+
+    def _materialise(self, combo: Combination, switches: dict[str, Switch]) -> tuple[Merged, int]:
         t0 = time.perf_counter()
         base = self.backbone.params
         weighted = [(switches[name], float(w)) for name, _, w in combo.terms]

@@ -1,3 +1,5 @@
+import threading
+
 import pytest
 import torch
 
@@ -149,3 +151,27 @@ def test_an_engine_built_cold_warms_up_on_its_first_batch(engine, backbone, towe
     assert cold.stats().warm and cold.stats().mixed_forward and cold.mixed is not None
     assert [(r.head, r.weights, r.mode) for r in got] == [(r.head, r.weights, r.mode) for r in want]
     torch.testing.assert_close(torch.stack([r.probs for r in got]), torch.stack([r.probs for r in want]))
+
+
+def test_towers_are_built_on_a_thread_apart_and_answer_as_before(backbone, tower):
+    eng = Engine(backbone, k=5, cache_bytes=64 << 20, hot_after=1)
+    for i, t in enumerate(TASKS):
+        eng.add(make_switch(tower, t, seed=10 + i, dim=backbone.embed_dim, router_fp=backbone.fingerprint))
+    threads, build = [], eng._materialise
+
+    def recorded(combo, switches):
+        threads.append(threading.current_thread())
+        return build(combo, switches)
+
+    eng._materialise = recorded
+    x = images("red", 2, seed=700)
+    routes = [Route(weights={"red": 0.25, "green": 0.75}), Route(task="blue")]
+    first = eng.run(x, routes)
+    assert len(threads) == 2 and all(t is not threading.current_thread() for t in threads)
+    again = eng.run(x, routes)  # on the cached towers
+    assert len(threads) == 2
+    sws = eng.switches
+    params = merged_params(backbone.params, [(sws["red"], 0.25), (sws["green"], 0.75)])
+    torch.testing.assert_close(first[0].probs, head_probs(sws["green"].head, backbone.forward(x[:1], params))[0])
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a.probs, b.probs, rtol=1e-5, atol=1e-6)
