@@ -20,6 +20,8 @@ following the mixes the demo router gives those images. Every engine configurati
 serves the same stream, continued from round to round (a warm-up first), next to the plain forward
 and the pretrained weights on the engine's kernels on the same batches; the table reports groups per batch, the share of groups served on cached
 weights, the cache hit rate and what the cache holds at the end. The default 2 GiB cache is used.
+For B, whose every mix fits in it, one more engine has served the whole stream once before the
+measurement (PREWARMED): no mix is new to it, the best case, shown beside the others.
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ MIX_CASES = {
     "one pass, cached once seen in 3 batches": {"hot_after": 3},
     "one pass, never cached": {"hot_after": 0},
 }
+# where the default cache holds every mix of the stream (the demo tower's, not ViT-B-32's): the
+# stream served once before the measurement, so that no mix is new; a best case, beside the others
+PREWARMED = "one pass, every mix of the stream cached beforehand (best case)"
 
 
 def mixed_requests(key: str, w, mixes: list[dict[str, float]]) -> list[tuple[torch.Tensor, Route]]:
@@ -149,6 +154,12 @@ def bench_mixed(key: str, w, requests, batch: int, warmup: int, rounds: int, per
     """Each case on the same stream of batches, in interleaved rounds of ``per_round`` batches."""
     from bench.traffic import stream
     engines = {label: w.engine(cache_bytes=DEFAULT_CACHE, **opts) for label, opts in MIX_CASES.items()}
+    if key == "B":
+        eng = engines[PREWARMED] = w.engine(cache_bytes=DEFAULT_CACHE, hot_after=1)
+        for chunk in stream(requests, batch, 0, -(-len(requests) // batch)):
+            eng.run(torch.stack([r[0] for r in chunk]), [r[1] for r in chunk])
+        if eng.cache.stats().evictions:
+            del engines[PREWARMED]  # the cache does not hold the stream's mixes: no best case to show
     model, dev, dt = w.backbone.model, w.backbone.device, w.backbone.dtype
     layout = torch.channels_last if w.backbone.channels_last else torch.contiguous_format
 

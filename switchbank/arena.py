@@ -11,8 +11,9 @@ and a batch took 4-7% less time (bench/build_cost.py). The build faults in its o
 
 The thread ends with each build. A thread that runs torch's parallel operations keeps a team of
 OpenMP workers while it lives, and more workers than cores slow every small operation of the
-engine's forward (app/threads.py). glibc hands an ended thread's arena to the next new thread, so
-the next build lands beside the last. Under another C library the hand-off costs a thread start.
+engine's forward (docs/architecture.md, "One thread for torch"). glibc hands an ended thread's
+arena to the next new thread, so the next build lands beside the last. Under another C library the
+hand-off costs a thread start.
 """
 
 from __future__ import annotations
