@@ -170,8 +170,10 @@ NO_ACT = ("none", [])  # a oneDNN post-op: (name, scalars)
 
 
 def dense(w: torch.Tensor, shape) -> torch.Tensor:
-    """A weight in torch's own layout: ``w`` itself, or a reordered oneDNN weight turned back."""
-    return w.to_dense().reshape(shape) if w.is_mkldnn else w
+    """A weight in torch's own layout and ``shape``: a view of ``w`` (a pointwise convolution's
+    [out, in, 1, 1] weight as the [out, in] of a matrix product), or a reordered oneDNN weight
+    turned back."""
+    return w.to_dense().reshape(shape) if w.is_mkldnn else w.reshape(shape)
 
 
 def onednn(x: torch.Tensor, w: torch.Tensor) -> bool:

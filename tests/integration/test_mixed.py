@@ -71,6 +71,31 @@ def test_bfloat16_tower():
     close(got[1:], b.forward(x[1:], variants[1]), rel=2e-2)
 
 
+@pytest.mark.parametrize("arch", ["switchbank-tiny-vit", DEMO_ARCH])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_towers_run_one_pass_as_accurately_as_alone(arch, dtype):
+    """At fp16 and bf16 the one-pass forward (convolutions' norms folded at that precision) is as
+    far from the fp32 answer as each group run alone at that precision is, within a factor of 3."""
+    wide = load_backbone(arch, device="cpu")
+    b = load_backbone(arch, device="cpu", dtype=dtype)
+    tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
+    assert tower is not None, why
+    spans = [(0, 1), (1, 3), (3, 5)]
+    wide_variants = [wide.params, perturbed(wide.params, 3), perturbed(wide.params, 5)]
+    variants = [{k: t.to(b.dtype) for k, t in v.items()} for v in wide_variants]
+    x = images(5, b.probe().shape[-1], seed=2)
+    with torch.inference_mode():
+        got = b.forward_mixed(x, tower, mixed.Groups(spans, lambda g, n: tuple(variants[g][k] if k else None for k in n)))
+        worst_alone = worst_mixed = 0.0
+        for g, (s, e) in enumerate(spans):
+            want = wide.forward(x[s:e], wide_variants[g]).float()
+            span = float(want.max() - want.min())
+            alone = b.forward(x[s:e], variants[g]).float()
+            worst_alone = max(worst_alone, float((alone - want).abs().max()) / span)
+            worst_mixed = max(worst_mixed, float((got[s:e].float() - want).abs().max()) / span)
+    assert worst_mixed <= 3 * worst_alone, (worst_mixed, worst_alone)
+
+
 def test_unsupported_module_is_refused_with_its_parameters():
     class Odd(nn.Module):
         def __init__(self):
