@@ -29,6 +29,7 @@ import logging
 import torch
 from torch import nn
 
+from . import mixed_timm
 from .mixed_ops import (Groups, MixedBatchNorm, MixedConv, MixedViT, Names, _Active, _mixed_module, _Op, fold)
 from .parts import Parts, whole
 
@@ -54,8 +55,9 @@ class MixedTower:
             parent, _, leaf = name.rpartition(".")
             setattr(root.get_submodule(parent) if parent else root, leaf, mixed)
             covered.update(_names(mixed))
+        covered.update(mixed_timm.adapt(self.active, root))
         top = model
-        if type(top).__name__ == "VisionTransformer":
+        if type(top).__name__ == "VisionTransformer" and type(top).__module__.startswith("open_clip"):
             root = MixedViT(self.active, root)
             covered.update(("class_embedding", "positional_embedding", "proj"))
         self.module = root.eval()

@@ -535,8 +535,8 @@ def _conv_kind(mod: nn.Conv2d) -> bool | None:
 
 
 def _layer_norm_kind(mod) -> bool | None:
-    """False for a LayerNorm computing in its input's dtype, True for open_clip's LayerNormFp32,
-    None for anything else."""
+    """False for a LayerNorm computing in its input's dtype (torch's, open_clip's, timm's without
+    its fused kernel), True for open_clip's LayerNormFp32, None for anything else."""
     try:
         from open_clip.transformer import LayerNorm, LayerNormFp32
     except ImportError:
@@ -545,6 +545,12 @@ def _layer_norm_kind(mod) -> bool | None:
         return False
     if type(mod) is LayerNormFp32:
         return True
+    try:
+        from timm.layers.norm import LayerNorm as TimmLayerNorm
+    except ImportError:
+        return None
+    if type(mod) is TimmLayerNorm and not getattr(mod, "_fast_norm", True):
+        return False
     return None
 
 

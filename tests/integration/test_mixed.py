@@ -55,10 +55,38 @@ def test_mixed_forward_equals_groups_alone(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-16", "ViT-L-14"])
+@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP"])
 def test_mixed_forward_equals_groups_alone_on_clip_vits(arch):
     b = load_backbone(arch, device="cpu")
     check_tower(b, [1, 2], [b.params, perturbed(b.params, 7)])
+
+
+@pytest.mark.parametrize("config", [
+    {"global_pool": "map", "class_token": False},  # SigLIP's layout: attention pooling on a latent query
+    {"global_pool": "token", "class_token": True, "reg_tokens": 2},
+    {"global_pool": "avg", "class_token": True, "no_embed_class": True, "init_values": 0.1},  # layer scale
+])
+def test_timm_vits_run_in_one_pass(config):
+    """timm's VisionTransformer (open_clip's SigLIP towers): tokens, the latent query and the
+    positional embedding are read per row."""
+    from torch.func import functional_call
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0,
+                              **config).eval()
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    tower, why = mixed.build(model, params, buffers, torch.randn(1, 3, 32, 32))
+    assert tower is not None, why
+    variants = [params, perturbed(params, 1, scale=0.2), perturbed(params, 2, scale=0.2)]
+    spans = [(0, 2), (2, 3), (3, 5)]
+    x = images(5, 32, seed=4)
+    got = tower(x, mixed.Groups(spans, lambda g, n: tuple(variants[g][k] if k else None for k in n)))
+    with torch.inference_mode():
+        for g, (s, e) in enumerate(spans):
+            want = functional_call(model, (variants[g], buffers), (x[s:e],), tie_weights=False, strict=False)
+            close(got[s:e], want)
+            if g:  # the variants differ enough for a wrong row to show
+                assert not torch.allclose(want, functional_call(model, (params, buffers), (x[s:e],)), atol=1e-3)
 
 
 def test_bfloat16_tower():
