@@ -1,27 +1,27 @@
-"""timm's VisionTransformer (open_clip's SigLIP towers) in the one-pass mixed forward.
+"""timm's VisionTransformer and EVA (open_clip's SigLIP and EVA towers) in the one-pass mixed forward.
 
-Its linears, convolution, layer norms and layer scales are mixed operations like any tower's
+Their linears, convolution, layer norms and layer scales are mixed operations like any tower's
 (mixed_ops.py). What is left are parameters that the model reads as whole tensors rather than
-through a module: the class and register tokens and the latent query of the attention pooling
-(``tok.expand(B, -1, -1)``), and the positional embedding (added in ``_pos_embed``). Each becomes
-a :class:`MixedRows`, which answers ``expand`` with every row's own copy, and the tower's
-``_pos_embed`` adds per-row embeddings. Configurations this does not cover (image sizes resampled
-at run time) are left alone, so the tower's probe check refuses them and the engine falls back to
-one forward per group.
+through a module: the class and register tokens and the latent query of the attention pooling,
+read as ``tok.expand(B, -1, -1)``, and the positional embedding, read as ``x + pos_embed``. Each
+becomes a :class:`MixedRows`, which answers both with every row's own copy, so timm's code runs
+unchanged. Towers that resample the positional embedding at run time (``dynamic_img_size``) are
+left alone: their probe check then refuses them, and the engine runs one forward per group.
 """
 
 from __future__ import annotations
-
-from types import MethodType
 
 import torch
 from torch import nn
 
 from .mixed_ops import _Active, _Op
 
+WHOLE = ("cls_token", "reg_token", "pos_embed", "latent")  # parameters read whole, where present
+
 
 class MixedRows(_Op):
-    """A parameter of shape [1, ...] read as ``param.expand(B, ...)``: each row gets its group's."""
+    """A parameter of shape [1, ...] read per row: ``expand(B, ...)`` and ``x + it`` give each row
+    its group's copy."""
 
     def rows(self, b: int) -> torch.Tensor:
         g, ts = self.tensors()
@@ -32,56 +32,33 @@ class MixedRows(_Op):
     def expand(self, b: int, *_) -> torch.Tensor:
         return self.rows(b)
 
-
-def _vit_class():
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:  # timm absent: no timm towers either
-        return None
-    return VisionTransformer
+    def __radd__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.rows(x.shape[0]).to(x.dtype)
 
 
-def _pool_class():
-    try:
-        from timm.layers.attention_pool import AttentionPoolLatent
-    except ImportError:
-        return None
-    return AttentionPoolLatent
-
-
-def _as_rows(active: _Active, mod: nn.Module, attr: str, prefix: str) -> str | None:
-    """Swap the parameter ``mod.<attr>`` (if any) for a MixedRows reading it; its name, or None."""
-    if not isinstance(getattr(mod, attr, None), nn.Parameter):
-        return None
-    delattr(mod, attr)
-    setattr(mod, attr, MixedRows(active, (prefix + attr,)))
-    return prefix + attr
+def _classes() -> tuple[type, ...]:
+    out = []
+    for module, name in (("timm.models.vision_transformer", "VisionTransformer"), ("timm.models.eva", "Eva"),
+                         ("timm.layers.attention_pool", "AttentionPoolLatent")):
+        try:
+            out.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):  # timm absent, or a version without it
+            pass
+    return tuple(out)
 
 
 def adapt(active: _Active, root: nn.Module) -> set[str]:
-    """Make timm's VisionTransformers and latent attention pools in ``root`` read their whole-tensor
-    parameters per row; the parameter names now read that way."""
-    vit, pool = _vit_class(), _pool_class()
+    """Have the timm modules in ``root`` that read parameters whole read them per row; the names of
+    the parameters now read that way."""
+    kinds = _classes()
     covered: set[str] = set()
     for name, mod in list(root.named_modules()):
+        if type(mod) not in kinds or getattr(mod, "dynamic_img_size", False):
+            continue
         prefix = name + "." if name else ""
-        if pool is not None and type(mod) is pool:
-            covered.update(n for n in (_as_rows(active, mod, "latent", prefix),) if n)
-        elif vit is not None and type(mod) is vit and not mod.dynamic_img_size and mod.pos_embed is not None:
-            covered.update(n for n in (_as_rows(active, mod, a, prefix) for a in ("cls_token", "reg_token")) if n)
-            covered.add(_as_rows(active, mod, "pos_embed", prefix))
-            mod._pos_embed = MethodType(_pos_embed, mod)
+        for attr in WHOLE:
+            if isinstance(getattr(mod, attr, None), nn.Parameter):
+                delattr(mod, attr)
+                setattr(mod, attr, MixedRows(active, (prefix + attr,)))
+                covered.add(prefix + attr)
     return covered
-
-
-def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-    """timm's VisionTransformer._pos_embed at a fixed image size, with per-row embeddings."""
-    b = x.shape[0]
-    x = x.view(b, -1, x.shape[-1])
-    tokens = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
-    pos = self.pos_embed.rows(b)
-    if self.no_embed_class:  # the embedding skips the prefix tokens: add, then concatenate
-        x = torch.cat(tokens + [x + pos], dim=1)
-    else:
-        x = torch.cat(tokens + [x], dim=1) + pos
-    return self.pos_drop(x)
