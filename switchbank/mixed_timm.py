@@ -16,8 +16,6 @@ from torch import nn
 
 from .mixed_ops import _Active, _Op
 
-WHOLE = ("cls_token", "reg_token", "pos_embed", "latent")  # parameters read whole, where present
-
 
 class MixedRows(_Op):
     """A parameter of shape [1, ...] read per row: ``expand(B, ...)`` and ``x + it`` give each row
@@ -36,27 +34,31 @@ class MixedRows(_Op):
         return x + self.rows(x.shape[0]).to(x.dtype)
 
 
-def _classes() -> tuple[type, ...]:
-    out = []
-    for module, name in (("timm.models.vision_transformer", "VisionTransformer"), ("timm.models.eva", "Eva"),
-                         ("timm.layers.attention_pool", "AttentionPoolLatent")):
+def _whole() -> dict[type, tuple[str, ...]]:
+    """The timm classes handled, each with the parameters it reads whole (where present)."""
+    out = {}
+    tokens = ("cls_token", "reg_token", "pos_embed")
+    for module, name, attrs in (("timm.models.vision_transformer", "VisionTransformer", tokens),
+                                ("timm.models.eva", "Eva", tokens),
+                                ("timm.layers.attention_pool", "AttentionPoolLatent", ("latent",))):
         try:
-            out.append(getattr(__import__(module, fromlist=[name]), name))
+            out[getattr(__import__(module, fromlist=[name]), name)] = attrs
         except (ImportError, AttributeError):  # timm absent, or a version without it
             pass
-    return tuple(out)
+    return out
 
 
 def adapt(active: _Active, root: nn.Module) -> set[str]:
     """Have the timm modules in ``root`` that read parameters whole read them per row; the names of
     the parameters now read that way."""
-    kinds = _classes()
+    whole = _whole()
     covered: set[str] = set()
     for name, mod in list(root.named_modules()):
-        if type(mod) not in kinds or getattr(mod, "dynamic_img_size", False):
+        attrs = whole.get(type(mod), ())
+        if getattr(mod, "dynamic_img_size", False):
             continue
         prefix = name + "." if name else ""
-        for attr in WHOLE:
+        for attr in attrs:
             if isinstance(getattr(mod, attr, None), nn.Parameter):
                 delattr(mod, attr)
                 setattr(mod, attr, MixedRows(active, (prefix + attr,)))
