@@ -438,15 +438,20 @@ def fold(w, b, gamma, beta, mean, inv) -> tuple[torch.Tensor, torch.Tensor]:
 
 class MixedLayerNorm(_Op):
     """LayerNorm with per-row weight and bias: normalise all rows at once, then apply each row's
-    affine part. ``fp32`` follows open_clip's LayerNormFp32 (normalise in fp32, cast back)."""
+    affine part. ``fp32`` follows open_clip's LayerNormFp32 (normalise in fp32, cast back);
+    ``channels_first``, timm's LayerNorm2d (over the channels of an NCHW tensor)."""
 
-    def __init__(self, active, names, shape, eps, fp32: bool):
+    def __init__(self, active, names, shape, eps, fp32: bool, channels_first: bool = False):
         super().__init__(active, names)
-        self.shape, self.eps, self.fp32 = tuple(shape), eps, fp32
+        self.shape, self.eps, self.fp32, self.channels_first = tuple(shape), eps, fp32, channels_first
 
     def forward(self, x):
+        if self.channels_first:
+            return self._norm(whole(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._norm(whole(x))
+
+    def _norm(self, x):
         g, ts = self.tensors()
-        x = whole(x)
         dtype = x.dtype
         xin = x.float() if self.fp32 else x
         if len(ts) == 1:
@@ -554,6 +559,15 @@ def _layer_norm_kind(mod) -> bool | None:
     return None
 
 
+def _is_layer_norm_2d(mod) -> bool:
+    """timm's LayerNorm2d (a LayerNorm over the channels of NCHW), without its fused kernel."""
+    try:
+        from timm.layers.norm import LayerNorm2d
+    except ImportError:
+        return False
+    return type(mod) is LayerNorm2d and not getattr(mod, "_fast_norm", True)
+
+
 def _batch_norm_ok(mod) -> bool:
     if type(mod) is nn.BatchNorm2d:
         return mod.track_running_stats and mod.affine
@@ -577,6 +591,8 @@ def _mixed_module(active: _Active, prefix: str, mod: nn.Module) -> nn.Module | N
     kind = _layer_norm_kind(mod)
     if kind is not None and mod.elementwise_affine:
         return MixedLayerNorm(active, (prefix + "weight", bias()), mod.normalized_shape, mod.eps, kind)
+    if _is_layer_norm_2d(mod) and mod.elementwise_affine:
+        return MixedLayerNorm(active, (prefix + "weight", bias()), mod.normalized_shape, mod.eps, False, True)
     if isinstance(mod, nn.BatchNorm2d) and _batch_norm_ok(mod):
         return MixedBatchNorm(active, (prefix + "weight", prefix + "bias"), mod)
     if type(mod).__name__ == "LayerScale" and not getattr(mod, "inplace", False):

@@ -1,10 +1,12 @@
-"""timm's VisionTransformer and EVA (open_clip's SigLIP and EVA towers) in the one-pass mixed forward.
+"""timm's VisionTransformer, EVA and ConvNeXt (open_clip's SigLIP, EVA and ConvNeXt towers) in the
+one-pass mixed forward.
 
-Their linears, convolution, layer norms and layer scales are mixed operations like any tower's
+Their linears, convolutions, layer norms and LayerScale modules are mixed operations like any tower's
 (mixed_ops.py). What is left are parameters that the model reads as whole tensors rather than
 through a module: the class and register tokens and the latent query of the attention pooling,
-read as ``tok.expand(B, -1, -1)``, and the positional embedding, read as ``x + pos_embed``. Each
-becomes a :class:`MixedRows`, which answers both with every row's own copy, so timm's code runs
+read as ``tok.expand(B, -1, -1)``, the positional embedding, read as ``x + pos_embed``, and
+ConvNeXt's layer scale, read as ``gamma.reshape(1, -1, 1, 1)``. Each becomes a
+:class:`MixedRows`, which answers all three with every row's own copy, so timm's code runs
 unchanged. Towers that resample the positional embedding at run time (``dynamic_img_size``) are
 left alone: their probe check then refuses them, and the engine runs one forward per group.
 """
@@ -30,6 +32,15 @@ class MixedRows(_Op):
     def expand(self, b: int, *_) -> torch.Tensor:
         return self.rows(b)
 
+    def reshape(self, *shape) -> torch.Tensor:
+        """``param.reshape(1, ...)`` for broadcasting over the batch: [B, ...] with each row's."""
+        g, ts = self.tensors()
+        if len(ts) == 1:
+            return ts[0][0].reshape(*shape)
+        if shape[0] != 1:
+            raise NotImplementedError("a per-row parameter is reshaped to broadcast over the batch only")
+        return torch.stack([t[0] for t in ts]).index_select(0, g.index).reshape(g.index.shape[0], *shape[1:])
+
     def __radd__(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.rows(x.shape[0]).to(x.dtype)
 
@@ -40,7 +51,8 @@ def _whole() -> dict[type, tuple[str, ...]]:
     tokens = ("cls_token", "reg_token", "pos_embed")
     for module, name, attrs in (("timm.models.vision_transformer", "VisionTransformer", tokens),
                                 ("timm.models.eva", "Eva", tokens),
-                                ("timm.layers.attention_pool", "AttentionPoolLatent", ("latent",))):
+                                ("timm.layers.attention_pool", "AttentionPoolLatent", ("latent",)),
+                                ("timm.models.convnext", "ConvNeXtBlock", ("gamma",))):
         try:
             out[getattr(__import__(module, fromlist=[name]), name)] = attrs
         except (ImportError, AttributeError):  # timm absent, or a version without it

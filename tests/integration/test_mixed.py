@@ -55,8 +55,8 @@ def test_mixed_forward_equals_groups_alone(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP", "EVA02-B-16"])
-def test_mixed_forward_equals_groups_alone_on_clip_vits(arch):
+@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP", "EVA02-B-16", "convnext_base"])
+def test_mixed_forward_equals_groups_alone_on_open_clip_towers(arch):
     b = load_backbone(arch, device="cpu")
     check_tower(b, [1, 2], [b.params, perturbed(b.params, 7)])
 
@@ -66,16 +66,22 @@ def test_mixed_forward_equals_groups_alone_on_clip_vits(arch):
     ("vit", {"global_pool": "token", "class_token": True, "reg_tokens": 2}),
     ("vit", {"global_pool": "avg", "class_token": True, "no_embed_class": True, "init_values": 0.1}),  # layer scale
     ("eva", {"use_rot_pos_emb": True, "swiglu_mlp": True, "qkv_fused": False}),  # EVA02: rotary embeddings, SwiGLU
+    ("convnext", {"ls_init_value": 0.5}),  # layer scale read as gamma.reshape(1, -1, 1, 1), LayerNorm2d
+    ("convnext", {"ls_init_value": 0.5, "conv_mlp": True}),
 ])
-def test_timm_vits_run_in_one_pass(kind, config):
-    """timm's VisionTransformer and EVA (open_clip's SigLIP and EVA towers): tokens, the latent
-    query and the positional embedding are read per row."""
+def test_timm_towers_run_in_one_pass(kind, config):
+    """timm's VisionTransformer, EVA and ConvNeXt (open_clip's SigLIP, EVA and ConvNeXt towers):
+    tokens, the latent query, the positional embedding and ConvNeXt's layer scale are read per row."""
+    from timm.models.convnext import ConvNeXt
     from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
     from torch.func import functional_call
     torch.manual_seed(0)
-    cls = VisionTransformer if kind == "vit" else Eva
-    model = cls(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0, **config).eval()
+    if kind == "convnext":
+        model = ConvNeXt(depths=(1, 2, 1, 1), dims=(8, 16, 16, 32), num_classes=0, **config).eval()
+    else:
+        cls = VisionTransformer if kind == "vit" else Eva
+        model = cls(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0, **config).eval()
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
     tower, why = mixed.build(model, params, buffers, torch.randn(1, 3, 32, 32))
     assert tower is not None, why
