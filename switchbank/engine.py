@@ -141,7 +141,7 @@ class Engine(SwitchSet):
                                 "combinations run one forward per combination", backbone.arch, reason)
                     self._stats.mixed_unsupported = reason
                 else:
-                    self.jit = JitMerge(backbone.params, tower.order, self._scratch_bytes)
+                    self.jit = JitMerge(backbone.params, tower.merge_order(), self._scratch_bytes)
                     # the router pass runs the base weights through the mixed tower too, with its
                     # convolutions and norms folded once here
                     self._base_memo, _ = tower.derived(backbone.params)

@@ -3,7 +3,8 @@
 A mixed forward (mixed.py) asks for each group's tensors operation by operation, in the order
 recorded when the mixed tower was built. For a group without a cached tower, this module merges
 theta0 + sum_t w_t tau_t for one *segment* of consecutive operations (about ``segment_bytes`` of
-weights; a larger operation is a segment of its own) when the forward first needs it, into that
+weights; a larger operation is a segment of its own; a folded convolution and its norm count as one
+operation, MixedTower.merge_order) when the forward first needs it, into that
 group's slot of a scratch buffer that is reused from segment to segment and batch to batch, so
 the operations read weights written moments before rather than a whole merged tower. A
 combination that is not hot costs one merge of the tower per batch, spread over the forward, and

@@ -122,6 +122,15 @@ class MixedTower:
             self.order = list(dict.fromkeys(self.active.record))
             self.active.record = None
 
+    def merge_order(self) -> list[Names]:
+        """The operations in the order the forward reads them, as the just-in-time merge takes
+        them (jit.py): a folded convolution and its norm as one, since the fold reads both at
+        once and a merge of the norm's tensors into a segment of their own would overwrite the
+        convolution's."""
+        norm_of = {conv.names: bn.names for conv, bn in self.pairs if conv.bn is bn}
+        folded = set(norm_of.values())
+        return [names + norm_of.get(names, ()) for names in self.order if names not in folded]
+
     def set_folding(self, on: bool) -> None:
         for conv, bn in self.pairs:
             conv.bn = bn if on else None

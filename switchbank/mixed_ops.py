@@ -498,6 +498,30 @@ class MixedSelfAttention(_Op):
         return _linear_rows(g, g.tensors(self.out_names), out), None
 
 
+class MixedAttentionPool2d(_Op):
+    """open_clip's AttentionPool2d (the ModifiedResNet's pooling): per-row positional embedding,
+    per-group projections, the attention on the whole batch, batch first. Only the first token's
+    output is pooled, so only it goes through the output projection."""
+
+    def __init__(self, active, prefix: str, mod: nn.Module):
+        super().__init__(active, (prefix + "positional_embedding",))
+        self.heads = mod.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.c_proj = mod.q_proj, mod.k_proj, mod.v_proj, mod.c_proj
+
+    def forward(self, x):
+        x = whole(x)
+        b, c = x.shape[:2]
+        x = x.reshape(b, c, -1).permute(0, 2, 1)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)  # the mean as a first token
+        g, ts = self.tensors()
+        pos = ts[0][0] if len(ts) == 1 else g.rows([t[0] for t in ts], 3)
+        x = x + pos.to(x.dtype)
+        n, d = x.shape[1], c // self.heads
+        q, k, v = (proj(x).view(b, n, self.heads, d).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # [b, heads, 1, d]
+        return self.c_proj(out.transpose(1, 2).reshape(b, 1, c))[:, 0]
+
+
 class MixedViT(nn.Module):
     """open_clip's VisionTransformer forward with per-row class and positional embeddings and a
     per-group final projection; its submodules are mixed operations."""
@@ -597,6 +621,8 @@ def _mixed_module(active: _Active, prefix: str, mod: nn.Module) -> nn.Module | N
         return MixedBatchNorm(active, (prefix + "weight", prefix + "bias"), mod)
     if type(mod).__name__ == "LayerScale" and not getattr(mod, "inplace", False):
         return MixedLayerScale(active, (prefix + "gamma",))
+    if type(mod).__name__ == "AttentionPool2d" and type(mod).__module__.startswith("open_clip"):
+        return MixedAttentionPool2d(active, prefix, mod)
     if (type(mod) is nn.MultiheadAttention and mod.batch_first and mod._qkv_same_embed_dim
             and mod.bias_k is None and not mod.add_zero_attn and mod.in_proj_bias is not None):
         return MixedSelfAttention(active, prefix, mod)

@@ -23,14 +23,20 @@ class MixedRows(_Op):
     """A parameter of shape [1, ...] read per row: ``expand(B, ...)`` and ``x + it`` give each row
     its group's copy."""
 
-    def rows(self, b: int) -> torch.Tensor:
-        g, ts = self.tensors()
-        if len(ts) == 1:
-            return ts[0][0].expand(b, *ts[0][0].shape[1:])
+    def _per_row(self, g, ts) -> torch.Tensor:
         return g.rows([t[0][0] for t in ts], ts[0][0].dim())
 
     def expand(self, b: int, *_) -> torch.Tensor:
-        return self.rows(b)
+        """A copy, also for one group: the caller holds it while later operations fetch their
+        tensors, and a just-in-time merge (jit.py) reuses the scratch this one's were read from."""
+        g, ts = self.tensors()
+        if len(ts) == 1:
+            return ts[0][0].expand(b, *ts[0][0].shape[1:]).clone()
+        return self._per_row(g, ts)
+
+    def __radd__(self, x: torch.Tensor) -> torch.Tensor:
+        g, ts = self.tensors()
+        return x + (ts[0][0] if len(ts) == 1 else self._per_row(g, ts)).to(x.dtype)
 
     def reshape(self, *shape) -> torch.Tensor:
         """``param.reshape(1, ...)`` for broadcasting over the batch: [B, ...] with each row's."""
@@ -40,9 +46,6 @@ class MixedRows(_Op):
         if shape[0] != 1:
             raise NotImplementedError("a per-row parameter is reshaped to broadcast over the batch only")
         return torch.stack([t[0] for t in ts]).index_select(0, g.index).reshape(g.index.shape[0], *shape[1:])
-
-    def __radd__(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.rows(x.shape[0]).to(x.dtype)
 
 
 def _whole() -> dict[type, tuple[str, ...]]:

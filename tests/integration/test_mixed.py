@@ -11,6 +11,7 @@ from switchbank.backbone import DEMO_ARCH, load_backbone
 from switchbank.bank import Bank
 from switchbank.combine import merged_params
 from switchbank.engine import Engine, Route, head_logits
+from switchbank.jit import JitMerge
 from tests.helpers import ROOT_DEMO_BANK, make_switch
 
 TASKS = ["red", "green", "blue", "cyan", "grey"]
@@ -55,7 +56,8 @@ def test_mixed_forward_equals_groups_alone(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP", "EVA02-B-16", "convnext_base"])
+@pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP", "EVA02-B-16", "convnext_base",
+                                  "RN50"])
 def test_mixed_forward_equals_groups_alone_on_open_clip_towers(arch):
     b = load_backbone(arch, device="cpu")
     check_tower(b, [1, 2], [b.params, perturbed(b.params, 7)])
@@ -95,6 +97,20 @@ def test_timm_towers_run_in_one_pass(kind, config):
             close(got[s:e], want)
             if g:  # the variants differ enough for a wrong row to show
                 assert not torch.allclose(want, functional_call(model, (params, buffers), (x[s:e],)), atol=1e-3)
+    # cold groups, merged just in time with every operation in a segment of its own (the slot a
+    # segment is merged into is overwritten by the group's next one)
+    tower_dict = {**params, **buffers}
+    sws = [make_switch(tower_dict, f"s{i}", seed=30 + i, alpha=0.5) for i in range(3)]
+    weighted = [[(sws[0], 1.0)], [(sws[1], 0.4), (sws[2], 0.6)], [(sws[0], 0.5), (sws[2], 2.0)]]
+    jit = JitMerge(params, tower.merge_order(), segment_bytes=1)
+    for layout, groups in ((spans, weighted), ([(0, 5)], weighted[1:2])):  # several groups, and one alone
+        jit.begin(groups)
+        got = tower(x, mixed.Groups(layout, jit.get))
+        jit.end()
+        with torch.inference_mode():
+            for g, (s, e) in enumerate(layout):
+                merged = merged_params(params, groups[g])
+                close(got[s:e], functional_call(model, (merged, buffers), (x[s:e],), tie_weights=False, strict=False))
 
 
 def test_bfloat16_tower():
@@ -206,6 +222,21 @@ def demo_engine():
     for sw in Bank(ROOT_DEMO_BANK).load_all()[1].values():
         eng.add(sw)
     return eng
+
+
+def test_demo_tower_cold_groups_are_exact_with_every_operation_in_a_segment_of_its_own(demo_engine):
+    """A folded convolution reads its norm's tensors too: the just-in-time merge keeps both in one
+    segment, or merging the norm's would overwrite the convolution's merged weight."""
+    from demo.tasks import LOADERS, load
+    b = demo_engine.backbone
+    eng = Engine(b, k=10, cache_bytes=256 << 20, router_metric="cosine", hot_after=0)
+    for sw in demo_engine.switches.values():
+        eng.add(sw)
+    eng.jit = JitMerge(b.params, eng.mixed.merge_order(), segment_bytes=1)
+    assert len(eng.jit.segments) > 40
+    x = torch.stack([b.preprocess(load(name).test[i]) for i in range(2) for name in LOADERS][:11])
+    check_engine(eng, x, routes_for(sorted(eng.switches)))
+    assert eng.stats().groups_hot == 0
 
 
 def test_demo_tower_rows_equal_requests_alone(demo_engine):
