@@ -584,12 +584,14 @@ def _layer_norm_kind(mod) -> bool | None:
 
 
 def _is_layer_norm_2d(mod) -> bool:
-    """timm's LayerNorm2d (a LayerNorm over the channels of NCHW), without its fused kernel."""
+    """timm's LayerNorm2d or LayerNormAct2d (a LayerNorm over the channels of NCHW, the latter
+    followed by dropout and an activation), without their fused kernel."""
     try:
         from timm.layers.norm import LayerNorm2d
+        from timm.layers.norm_act import LayerNormAct2d
     except ImportError:
         return False
-    return type(mod) is LayerNorm2d and not getattr(mod, "_fast_norm", True)
+    return type(mod) in (LayerNorm2d, LayerNormAct2d) and not getattr(mod, "_fast_norm", True)
 
 
 def _batch_norm_ok(mod) -> bool:
@@ -616,7 +618,9 @@ def _mixed_module(active: _Active, prefix: str, mod: nn.Module) -> nn.Module | N
     if kind is not None and mod.elementwise_affine:
         return MixedLayerNorm(active, (prefix + "weight", bias()), mod.normalized_shape, mod.eps, kind)
     if _is_layer_norm_2d(mod) and mod.elementwise_affine:
-        return MixedLayerNorm(active, (prefix + "weight", bias()), mod.normalized_shape, mod.eps, False, True)
+        norm = MixedLayerNorm(active, (prefix + "weight", bias()), mod.normalized_shape, mod.eps, False, True)
+        # timm's LayerNormAct2d: its dropout and activation after the affine part, as their own modules
+        return nn.Sequential(norm, mod.drop, mod.act) if hasattr(mod, "act") else norm
     if isinstance(mod, nn.BatchNorm2d) and _batch_norm_ok(mod):
         return MixedBatchNorm(active, (prefix + "weight", prefix + "bias"), mod)
     if type(mod).__name__ == "LayerScale" and not getattr(mod, "inplace", False):

@@ -57,7 +57,7 @@ def test_mixed_forward_equals_groups_alone(arch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-B-16-SigLIP", "EVA02-B-16", "convnext_base",
-                                  "RN50"])
+                                  "RN50", "ViTamin-S"])
 def test_mixed_forward_equals_groups_alone_on_open_clip_towers(arch):
     b = load_backbone(arch, device="cpu")
     check_tower(b, [1, 2], [b.params, perturbed(b.params, 7)])
