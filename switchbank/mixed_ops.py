@@ -517,7 +517,7 @@ class MixedAttentionPool2d(_Op):
         pos = ts[0][0] if len(ts) == 1 else g.rows([t[0] for t in ts], 3)
         x = x + pos.to(x.dtype)
         n, d = x.shape[1], c // self.heads
-        q, k, v = (proj(x).view(b, n, self.heads, d).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(b, n, self.heads, d).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # [b, heads, 1, d]
         return self.c_proj(out.transpose(1, 2).reshape(b, 1, c))[:, 0]
 

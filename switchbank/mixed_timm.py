@@ -1,14 +1,15 @@
 """timm's VisionTransformer, EVA and ConvNeXt (open_clip's SigLIP, EVA and ConvNeXt towers) in the
 one-pass mixed forward.
 
-Their linears, convolutions, layer norms and LayerScale modules are mixed operations like any tower's
-(mixed_ops.py). What is left are parameters that the model reads as whole tensors rather than
-through a module: the class and register tokens and the latent query of the attention pooling,
+Their linears, convolutions, layer norms and LayerScale modules are mixed operations like any
+tower's (mixed_ops.py). What is left are parameters that the model reads as whole tensors rather
+than through a module: the class and register tokens and the latent query of the attention pooling,
 read as ``tok.expand(B, -1, -1)``, the positional embedding, read as ``x + pos_embed``, and
 ConvNeXt's layer scale, read as ``gamma.reshape(1, -1, 1, 1)``. Each becomes a
 :class:`MixedRows`, which answers all three with every row's own copy, so timm's code runs
 unchanged. Towers that resample the positional embedding at run time (``dynamic_img_size``) are
-left alone: their probe check then refuses them, and the engine runs one forward per group.
+left alone: no mixed operation then reads that embedding, so the tower is refused and the engine
+runs one forward per group.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from .mixed_ops import _Active, _Op
 
 
 class MixedRows(_Op):
-    """A parameter of shape [1, ...] read per row: ``expand(B, ...)`` and ``x + it`` give each row
-    its group's copy."""
+    """A parameter read per row: ``expand(B, ...)`` and ``x + it`` (a [1, ...] token or
+    embedding) and ``reshape(1, ...)`` (a layer scale) give each row its group's copy."""
 
     def _per_row(self, g, ts) -> torch.Tensor:
         return g.rows([t[0][0] for t in ts], ts[0][0].dim())
