@@ -92,6 +92,25 @@ def serve_stream(mode: str) -> dict:
             "forward_page_faults": faults}
 
 
+def alternating(processes: int, args_of) -> list[dict]:
+    """Each way ("inline", "apart") in ``processes`` fresh processes of this module, alternating
+    which goes first; ``args_of(mode)``: the arguments of one such run. Their figures, in order."""
+    runs = []
+    for i in range(processes):
+        for mode in (("inline", "apart") if i % 2 == 0 else ("apart", "inline")):
+            done = subprocess.run([sys.executable, "-m", "bench.build_cost", *args_of(mode)],
+                                  capture_output=True, text=True, check=True)
+            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(runs[-1], flush=True)
+    return runs
+
+
+def medians(runs: list[dict], mode: str, keys) -> tuple[list[dict], dict]:
+    """The runs of one way, and the median of each of ``keys`` over them."""
+    mine = [r for r in runs if r["mode"] == mode]
+    return mine, {k: statistics.median(r[k] for r in mine) for k in keys}
+
+
 LOAD_BUDGET, LOAD_BANK, LOAD_PICKS = 40 << 20, 300, 4
 
 
@@ -155,19 +174,13 @@ def compare_loads(processes: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         bank = synth_bank(LOAD_BANK, Path(tmp) / "bank", distinct=False)
-        runs = []
-        for i in range(processes):
-            for mode in (("inline", "apart") if i % 2 == 0 else ("apart", "inline")):
-                done = subprocess.run([sys.executable, "-m", "bench.build_cost", "--one-load", mode, "--bank", str(bank)],
-                                      capture_output=True, text=True, check=True)
-                runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(runs[-1], flush=True)
+        runs = alternating(processes, lambda mode: ["--one-load", mode, "--bank", str(bank)])
     label = {"inline": "on the engine's thread (now)", "apart": "on a thread of its own"}
     keys = ("batch_ms", "batch_ms_mean", "loads", "load_ms_mean", "page_faults", "load_page_faults")
     rows, summary = [], {}
     for mode in ("inline", "apart"):
-        mine = [r for r in runs if r["mode"] == mode]
-        med = summary[mode] = {k: statistics.median(r[k] for r in mine) for k in keys}
+        mine, med = medians(runs, mode, keys)
+        summary[mode] = med
         rows.append([label[mode], len(mine), med["batch_ms"], " / ".join(f"{r['batch_ms']:.0f}" for r in mine),
                      med["batch_ms_mean"], round(med["loads"]), med["load_ms_mean"], round(med["page_faults"]),
                      round(med["load_page_faults"])])
@@ -200,19 +213,12 @@ def main(argv=None) -> int:
     if args.loads:
         compare_loads(args.processes)
         return 0
-    runs = []
-    for i in range(args.processes):
-        for mode in (("inline", "apart") if i % 2 == 0 else ("apart", "inline")):
-            done = subprocess.run([sys.executable, "-m", "bench.build_cost", "--one", mode],
-                                  capture_output=True, text=True, check=True)
-            runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(runs[-1], flush=True)
+    runs = alternating(args.processes, lambda mode: ["--one", mode])
     label = {"inline": "on the engine's thread (before)", "apart": "on a thread of its own (now)"}
+    keys = ("batch_ms", "batch_over_router_pass", "towers_built", "build_ms_median", "forward_page_faults")
     rows, summary = [], {}
     for mode in ("inline", "apart"):
-        mine = [r for r in runs if r["mode"] == mode]
-        med = {k: statistics.median(r[k] for r in mine) for k in
-               ("batch_ms", "batch_over_router_pass", "towers_built", "build_ms_median", "forward_page_faults")}
+        mine, med = medians(runs, mode, keys)
         summary[mode] = med
         rows.append([label[mode], len(mine), med["batch_ms"], " / ".join(f"{r['batch_ms']:.0f}" for r in mine),
                      med["batch_over_router_pass"], round(med["towers_built"]), med["build_ms_median"],
