@@ -46,7 +46,8 @@ class MixedRows(_Op):
             return ts[0][0].reshape(*shape)
         if shape[0] != 1:
             raise NotImplementedError("a per-row parameter is reshaped to broadcast over the batch only")
-        return torch.stack([t[0] for t in ts]).index_select(0, g.index).reshape(g.index.shape[0], *shape[1:])
+        per_row = g.rows([t[0] for t in ts], ts[0][0].dim() + 1)  # [B, ...]: the rows' own copies
+        return per_row.reshape(per_row.shape[0], *shape[1:])
 
 
 def _whole() -> dict[type, tuple[str, ...]]:
