@@ -133,17 +133,22 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     graph.add(x)
     build = time.perf_counter() - t0
+    rows_t = torch.from_numpy(x)
 
-    def search(batch):
-        q = served.prepare(batch)
-        _, ids = graph.search(q, CANDIDATES)
-        tops = []
-        for qi, row in zip(q, ids):
-            row = np.sort(row[row >= 0])  # by position, so that equal scores keep the earlier example
-            scores = x[row] @ qi
-            tops.append(row[np.argsort(-scores, kind="stable")[:10]])
-        return count_owners(tops, owner)
+    def reranked(index, m):
+        """Routing counts from ``index``'s ``m`` candidates per query, ranked exactly."""
+        def search(batch):
+            q = served.prepare(batch)
+            _, ids = index.search(q, m)
+            tops = []
+            for qi, row in zip(torch.from_numpy(q), ids):
+                row = np.sort(row[row >= 0])  # by position, so that equal scores keep the earlier example
+                scores = rows_t.index_select(0, torch.from_numpy(row)) @ qi
+                tops.append(row[np.argsort(-scores.numpy(), kind="stable")[:10]])
+            return count_owners(tops, owner)
+        return search
 
+    search = reranked(graph, CANDIDATES)
     for ef in [int(e) for e in args.ef.split(",") if e]:
         graph.hnsw.efSearch = ef
         record(f"HNSW, M 32, efSearch {ef}", build, search, agreement(search(emb)))
@@ -155,25 +160,12 @@ def main(argv=None) -> int:
     pq.train(x[np.random.default_rng(0).permutation(x.shape[0])[:65_536]])
     pq.add(x)
     build = time.perf_counter() - t0
-    rows_t = torch.from_numpy(x)
-
-    def reranked(m):
-        def search(batch):
-            q = served.prepare(batch)
-            _, ids = pq.search(q, m)
-            tops = []
-            for qi, row in zip(torch.from_numpy(q), ids):
-                row = np.sort(row[row >= 0])  # by position, so that equal scores keep the earlier example
-                scores = rows_t.index_select(0, torch.from_numpy(row)) @ qi
-                tops.append(row[np.argsort(-scores.numpy(), kind="stable")[:10]])
-            return count_owners(tops, owner)
-        return search
-
     for p in [int(v) for v in args.pq_nprobe.split(",") if v]:
         pq.nprobe = p
         for m in [int(v) for v in args.pq_candidates.split(",") if v]:
+            search = reranked(pq, m)
             record(f"IVF-PQ fast scan ({pq.nlist} lists, {pq.pq.M}x4 bits), nprobe {p}, {m} candidates re-ranked",
-                   build, reranked(m), agreement(reranked(m)(emb)))
+                   build, search, agreement(search(emb)))
     results = {"switches": args.switches, "vectors": int(sum(counts.values())), "held_out_images": len(ref),
                "indexes": indexes}
     rows = [[r["index"], "" if r["build_s"] is None else f"{r['build_s']:.1f}", f"{r['knn_batch16_ms']:.2f}",
