@@ -32,8 +32,10 @@ class Settings(BaseSettings):
         "how long a micro-batch waits to fill while other requests are being read or decoded (a lone request runs at once)"))
     cache_bytes: int = Field(2 << 30, ge=1 << 20, description="delta cache budget in bytes")
     hot_after: int = Field(2, ge=0, le=1000, description=(
-        "a combination gets a cached merged tower once it has appeared in this many recent batches "
-        "(1: on first use; 0: never, every batch merges just in time)"))
+        "a combination of one switch gets a cached merged tower once it has appeared in this many recent "
+        "batches (1: on first use; 0: never, every batch merges just in time)"))
+    hot_mix_after: int = Field(8, ge=0, le=1000, description=(
+        "the same for a mix of several switches (0: never cached)"))
     mixed_forward: bool = Field(True, description=(
         "run batches that need several combinations in one mixed forward (off: one forward per combination)"))
     resident_bytes: int = Field(1 << 30, ge=1 << 20, description=(

@@ -122,11 +122,14 @@ def bench_workload(w, batches, repeats):
 # --- mixed traffic ----------------------------------------------------------------------------
 DEFAULT_CACHE = 2 << 30  # the server's default SWITCHBANK_CACHE_BYTES
 MIX_CASES = {
-    "before: one forward per combination, every combination cached": {"mixed_forward": False, "hot_after": 1},
-    "one pass, cached once seen in 2 batches (default)": {"hot_after": 2},
-    "one pass, cached on first use": {"hot_after": 1},
-    "one pass, cached once seen in 3 batches": {"hot_after": 3},
-    "one pass, never cached": {"hot_after": 0},
+    "before: one forward per combination, every combination cached": {"mixed_forward": False, "hot_after": 1,
+                                                                      "hot_mix_after": 1},
+    "one pass, cached on first use": {"hot_after": 1, "hot_mix_after": 1},
+    "one pass, cached once seen in 2 batches": {"hot_after": 2, "hot_mix_after": 2},
+    "one pass, one switch cached once seen in 2 batches, a mix in 4": {"hot_after": 2, "hot_mix_after": 4},
+    "one pass, one switch cached once seen in 2 batches, a mix in 8 (default)": {"hot_after": 2, "hot_mix_after": 8},
+    "one pass, one switch cached once seen in 2 batches, a mix never": {"hot_after": 2, "hot_mix_after": 0},
+    "one pass, never cached": {"hot_after": 0, "hot_mix_after": 0},
 }
 # where the default cache holds every mix of the stream (the demo tower's, not ViT-B-32's): the
 # stream served once before the measurement, so that no mix is new; a best case, beside the others
@@ -155,7 +158,7 @@ def bench_mixed(key: str, w, requests, batch: int, warmup: int, rounds: int, per
     from bench.traffic import stream
     engines = {label: w.engine(cache_bytes=DEFAULT_CACHE, **opts) for label, opts in MIX_CASES.items()}
     if key == "B":
-        eng = engines[PREWARMED] = w.engine(cache_bytes=DEFAULT_CACHE, hot_after=1)
+        eng = engines[PREWARMED] = w.engine(cache_bytes=DEFAULT_CACHE, hot_after=1, hot_mix_after=1)
         for chunk in stream(requests, batch, 0, -(-len(requests) // batch)):
             eng.run(torch.stack([r[0] for r in chunk]), [r[1] for r in chunk])
         if eng.cache.stats().evictions:

@@ -97,7 +97,7 @@ class Hashes:
 
 class Engine(SwitchSet):
     def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30, router_metric: str = "l2",
-                 hot_after: int = 2, mixed_forward: bool = True, scratch_bytes: int = DEFAULT_BUDGET,
+                 hot_after: int = 2, hot_mix_after: int = 8, mixed_forward: bool = True, scratch_bytes: int = DEFAULT_BUDGET,
                  resident_bytes: int = 1 << 30, router_exact_max: int | None = None, router_nprobe: int | None = None,
                  warm: bool = True):
         super().__init__()
@@ -105,7 +105,7 @@ class Engine(SwitchSet):
         self.router = Router(backbone.embed_dim, k, router_metric, exact_max=router_exact_max, nprobe=router_nprobe)
         self.resident = Residency(resident_bytes, backbone.device)
         self.cache = DeltaCache(cache_bytes)
-        self.hot = HotSet(hot_after)
+        self.hot = HotSet(hot_after, hot_mix_after)
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()
         self.mixed: mixed.MixedTower | None = None

@@ -154,7 +154,7 @@ def test_an_engine_built_cold_warms_up_on_its_first_batch(engine, backbone, towe
 
 
 def test_towers_are_built_on_a_thread_apart_and_answer_as_before(backbone, tower):
-    eng = Engine(backbone, k=5, cache_bytes=64 << 20, hot_after=1)
+    eng = Engine(backbone, k=5, cache_bytes=64 << 20, hot_after=1, hot_mix_after=1)
     for i, t in enumerate(TASKS):
         eng.add(make_switch(tower, t, seed=10 + i, dim=backbone.embed_dim, router_fp=backbone.fingerprint))
     threads, build = [], eng._materialise

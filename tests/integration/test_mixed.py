@@ -194,21 +194,26 @@ def tiny_switches(backbone, tower):
     return out
 
 
-@pytest.mark.parametrize("hot_after", [0, 1, 2])
-def test_tiny_vit_rows_equal_requests_alone(backbone, tiny_switches, hot_after):
-    eng = Engine(backbone, k=5, cache_bytes=64 << 20, hot_after=hot_after)
+@pytest.mark.parametrize("hot_after,hot_mix_after", [(0, 0), (1, 1), (2, 2), (2, 8)])
+def test_tiny_vit_rows_equal_requests_alone(backbone, tiny_switches, hot_after, hot_mix_after):
+    eng = Engine(backbone, k=5, cache_bytes=64 << 20, hot_after=hot_after, hot_mix_after=hot_mix_after)
     for sw in tiny_switches:
         eng.add(sw)
     routes = routes_for(TASKS)
     check_engine(eng, images(len(routes), 32, seed=3), routes)
     s = eng.stats()
     assert s.mixed_forward and s.batches_mixed == 3
+    sizes = [len(c.terms) for c in eng.cache.keys()]
     if hot_after == 0:
-        assert s.groups_hot == 0 and eng.cache.stats().entries == 0
+        assert s.groups_hot == 0 and sizes == []
+    elif hot_mix_after > 3:  # three batches: the switches alone are cached, no mix is
+        assert sizes and max(sizes) == 1
+    else:
+        assert max(sizes) > 1
 
 
 def test_scratch_smaller_than_a_group_still_exact(backbone, tiny_switches):
-    eng = Engine(backbone, k=5, hot_after=0, scratch_bytes=1)  # every group shares one slot
+    eng = Engine(backbone, k=5, hot_after=0, hot_mix_after=0, scratch_bytes=1)  # every group shares one slot
     for sw in tiny_switches:
         eng.add(sw)
     routes = routes_for(TASKS)
@@ -229,7 +234,7 @@ def test_demo_tower_cold_groups_are_exact_with_every_operation_in_a_segment_of_i
     segment, or merging the norm's would overwrite the convolution's merged weight."""
     from demo.tasks import LOADERS, load
     b = demo_engine.backbone
-    eng = Engine(b, k=10, cache_bytes=256 << 20, router_metric="cosine", hot_after=0)
+    eng = Engine(b, k=10, cache_bytes=256 << 20, router_metric="cosine", hot_after=0, hot_mix_after=0)
     for sw in demo_engine.switches.values():
         eng.add(sw)
     eng.jit = JitMerge(b.params, eng.mixed.merge_order(), segment_bytes=1)
@@ -264,15 +269,17 @@ def test_demo_tower_at_half_precision_serves_mixed_batches_in_one_pass(dtype, re
 
 
 def test_a_mix_that_is_not_hot_takes_no_cache_entry(backbone, tiny_switches):
-    eng = Engine(backbone, k=5, cache_bytes=64 << 20, hot_after=2)
+    eng = Engine(backbone, k=5, cache_bytes=64 << 20, hot_after=2, hot_mix_after=3)
     for sw in tiny_switches:
         eng.add(sw)
     x = images(2, 32, seed=5)
     once = [Route(weights={"red": 0.5, "blue": 0.5}), Route(task="green")]
     eng.run(x, once)
     assert eng.cache.stats().entries == 0 and eng.stats().groups_cold == 2
-    eng.run(x, once)  # seen in two batches: now hot, and cached
-    assert eng.cache.stats().entries == 2 and eng.stats().groups_hot == 2
+    eng.run(x, once)  # seen in two batches: the switch alone is hot and cached, the mix is not
+    assert eng.cache.stats().entries == 1 and eng.stats().groups_hot == 1
+    eng.run(x, once)  # the mix, in its third batch, is cached too
+    assert eng.cache.stats().entries == 2 and eng.stats().groups_hot == 3
     eng.run(x[:1], [Route(weights={"red": 0.25, "blue": 0.75})])  # a new mix stays out of the cache
     assert eng.cache.stats().entries == 2
 
