@@ -216,10 +216,13 @@ class MixedConv(_Op):
     """A 2-D convolution per group.
 
     Pointwise convolutions of channels_last activations run as per-group matrix products over
-    the pixels, each writing its slice of one output. "Same" padding (timm's Conv2dSame) is applied
-    once to the whole batch. When the trace finds that the output feeds a BatchNorm and nothing
-    else, the norm's affine part is folded into each group's weights and bias (exact up to
-    rounding), which saves a pass over the activations.
+    the pixels, each writing its slice of one output. TensorFlow's "same" padding (timm's
+    Conv2dSame) pads one more row or column at the end than at the start where the input's size
+    asks for it; rather than a padded copy of the input, the convolution then runs with the larger
+    padding on both sides and a kernel grown by a zero row or column at its start (see
+    :meth:`same_plan`), which gives the same sums. When the trace finds that the output feeds a
+    BatchNorm and nothing else, the norm's affine part is folded into each group's weights and bias
+    (exact up to rounding), which saves a pass over the activations.
     """
 
     def __init__(self, active, names, mod: nn.Conv2d, same: bool):
@@ -229,7 +232,7 @@ class MixedConv(_Op):
         self.padding = mod.padding
         self.kernel = tuple(mod.kernel_size)
         self.weight_shape = tuple(mod.weight.shape)
-        self.plain = self._same if same else mod._conv_forward
+        self.plain = mod._conv_forward
         self.pointwise = (not same and self.kernel == (1, 1) and tuple(self.stride) == (1, 1) and self.groups == 1
                           and tuple(self.padding) == (0, 0) and mod.padding_mode == "zeros")
         self.bn: MixedBatchNorm | None = None
@@ -239,6 +242,7 @@ class MixedConv(_Op):
         self.act: tuple | None = None
         self.in_shape: list[int] | None = None  # of the last input, padded: a hint for prepare
         self._pad: dict = {}
+        self._plans: dict = {}
 
     def fused_act(self) -> tuple | None:
         """The oneDNN post-op for the folded norm's activation, or None where it has none."""
@@ -248,6 +252,41 @@ class MixedConv(_Op):
         if isinstance(act, nn.Hardtanh):  # ReLU6 too
             return ("hardtanh", [float(act.min_val), float(act.max_val)])
         return None
+
+    def same_plan(self, size) -> tuple | None:
+        """For "same" padding of an input of spatial ``size``: (padding, grow), the symmetric
+        padding and the zero rows and columns to put before the kernel that give TensorFlow's
+        padding without a padded copy, or None where that does not hold (dilated kernels).
+
+        TensorFlow pads (total // 2, total - total // 2): at most one more at the end. With one
+        more, output i of a kernel grown by a leading zero, padded by the larger amount on both
+        sides, reads input s * i + j - end + 1 for tap j >= 1, which is what the original tap j - 1
+        reads with the smaller padding at the start; the grown kernel's extra tap reads padding or
+        input, times zero, and the output sizes are equal."""
+        size = tuple(size)
+        plan = self._plans.get(size, False)
+        if plan is False:
+            plan = None
+            if tuple(self.dilation) == (1, 1):
+                pads = same_pads(size, self.kernel, self.stride, self.dilation)
+                plan = (tuple(end for _, end in pads), tuple(end - start for start, end in pads))
+            self._plans[size] = plan
+        return plan
+
+    def kernel_for(self, w: torch.Tensor, grow: tuple, packed: bool) -> torch.Tensor:
+        """``w`` (as stored: plain, grown, or reordered by prepare) as a plain weight grown by
+        ``grow``, or as it is where it is a reordered weight of that shape and ``packed``."""
+        shape = tuple(k + g for k, g in zip(self.kernel, grow))
+        if w.is_mkldnn:
+            if packed and tuple(w.shape[-2:]) == shape:
+                return w
+            w = w.to_dense()
+        have = tuple(n - k for n, k in zip(w.shape[-2:], self.kernel))
+        if have == tuple(grow):
+            return w
+        if any(have):
+            w = w[..., have[0]:, have[1]:]
+        return F.pad(w, (grow[1], 0, grow[0], 0)) if any(grow) else w
 
     def prepare(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple:
         """A cached tower's folded (weight, bias) as this convolution runs it: where it runs on
@@ -262,7 +301,12 @@ class MixedConv(_Op):
             return _PACK_LINEAR(w.reshape(w.shape[0], -1), n * h * wd), b
         if self.act is None:  # runs on F.conv2d, which takes torch's layout only
             return w, b
-        padding = [0, 0] if self.same else list(self.padding)
+        padding = list(self.padding)
+        if self.same:
+            plan = self.same_plan(self.in_shape[-2:])
+            padding = [0, 0] if plan is None else list(plan[0])
+            if plan is not None:
+                w = self.kernel_for(w, plan[1], False)
         return _PACK_CONV(w, padding, list(self.stride), list(self.dilation), self.groups, self.in_shape), b
 
     def forward(self, x):
@@ -287,18 +331,23 @@ class MixedConv(_Op):
                 return _per_group(g, ts, x, lambda p, w, b: linear(p.permute(0, 2, 3, 1), w, b, act or NO_ACT)
                                   .permute(0, 3, 1, 2), apart=True)
             return _linear_rows(g, ts, x.permute(0, 2, 3, 1), act or NO_ACT).permute(0, 3, 1, 2)
-        if act is None or self.pointwise:  # not the path prepare() reordered the weights for
-            ts = [(dense(w, self.weight_shape), b) for w, b in ts]
-        if act is None and len(ts) == 1 and not split:
-            return self.plain(x, *ts[0])
+        padding = self.padding
         if self.same:
-            if split:  # a buffer kept per shape would be remade for every group size: none kept
-                x = x.map(lambda p: pad_same(p, self.kernel, self.stride, self.dilation))
-            else:
-                x = pad_same(x, self.kernel, self.stride, self.dilation, self._pad)
-            padding = (0, 0)
+            plan = self.same_plan(first.shape[-2:])
+            if plan is None:  # a padded copy of the input
+                if split:  # a buffer kept per shape would be remade for every group size: none kept
+                    x = x.map(lambda p: pad_same(p, self.kernel, self.stride, self.dilation))
+                else:
+                    x = pad_same(x, self.kernel, self.stride, self.dilation, self._pad)
+            padding, grow = plan or ((0, 0), (0, 0))
+            ts = [(self.kernel_for(w, grow, act is not None), b) for w, b in ts]
+            if act is None and len(ts) == 1 and not split:
+                return F.conv2d(x, *ts[0], self.stride, padding, self.dilation, self.groups)
         else:
-            padding = self.padding
+            if act is None or self.pointwise:  # not the path prepare() reordered the weights for
+                ts = [(dense(w, self.weight_shape), b) for w, b in ts]
+            if act is None and len(ts) == 1 and not split:
+                return self.plain(x, *ts[0])
         self.in_shape = _batch_shape(x)
         if act is not None:
             stride, dilation = list(self.stride), list(self.dilation)
@@ -316,10 +365,6 @@ class MixedConv(_Op):
         return out.contiguous(memory_format=torch.channels_last)
 
 
-    def _same(self, x, w, b):
-        return F.conv2d(pad_same(x, self.kernel, self.stride, self.dilation, self._pad), w, b, self.stride, 0,
-                        self.dilation, self.groups)
-
 
 def _batch_shape(x) -> list[int]:
     """The shape of ``x`` as one batch (a Parts' rows counted together)."""
@@ -331,6 +376,15 @@ def _batch_shape(x) -> list[int]:
 PAD_KEEP_BYTES = 64 << 20  # padded buffers up to this size are kept between calls
 
 
+def same_pads(size, kernel, stride, dilation) -> list[tuple[int, int]]:
+    """TensorFlow's "SAME" padding (start, end) of each spatial dimension of an input of ``size``."""
+    pads = []
+    for n, k, s, d in zip(size, kernel, stride, dilation):
+        total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+        pads.append((total // 2, total - total // 2))
+    return pads
+
+
 def pad_same(x: torch.Tensor, kernel, stride, dilation, keep: dict | None = None) -> torch.Tensor:
     """TensorFlow's "SAME" padding, as timm's Conv2dSame applies it, with one copy of ``x``.
 
@@ -339,11 +393,7 @@ def pad_same(x: torch.Tensor, kernel, stride, dilation, keep: dict | None = None
     one forward at a time): its border is zero from the first call on, so each later call only
     copies the interior.
     """
-    pads = []
-    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation):
-        total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-        pads.append((total // 2, total - total // 2))
-    (t, b), (left, r) = pads
+    (t, b), (left, r) = same_pads(x.shape[-2:], kernel, stride, dilation)
     if not (t or b or left or r):
         return x
     n, c, h, w = x.shape

@@ -113,6 +113,47 @@ def test_timm_towers_run_in_one_pass(kind, config):
                 close(got[s:e], functional_call(model, (merged, buffers), (x[s:e],), tie_weights=False, strict=False))
 
 
+def test_same_padding_runs_as_a_grown_kernel_without_a_padded_copy(monkeypatch):
+    """TensorFlow's "same" padding (timm's Conv2dSame) on inputs of even and odd sizes, for cached
+    groups (weights folded and reordered once) and groups whose weights come per batch; a dilated
+    kernel still takes a padded copy."""
+    from timm.layers import BatchNormAct2d, create_conv2d
+    from torch.func import functional_call
+
+    from switchbank import mixed_ops
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        create_conv2d(3, 8, 3, stride=2, padding="same"), BatchNormAct2d(8),
+        create_conv2d(8, 8, 5, stride=2, padding="same", depthwise=True), BatchNormAct2d(8, act_layer=nn.ReLU6),
+        create_conv2d(8, 8, 3, stride=2, dilation=2, padding="same"), BatchNormAct2d(8),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    assert sum(type(m).__name__ == "Conv2dSame" for m in model.modules()) == 3
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    tower, why = mixed.build(model, params, buffers, torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+    assert tower is not None, why
+    copies, pad_same = [], mixed_ops.pad_same
+    monkeypatch.setattr(mixed_ops, "pad_same", lambda x, *a, **k: copies.append(x.shape) or pad_same(x, *a, **k))
+    variants = [perturbed(params, i, scale=0.2) for i in range(3)]
+    memos = [tower.derived(v)[0] for v in variants]
+    spans = [(0, 2), (2, 3), (3, 5)]
+    for size in (16, 17, 20):
+        x = images(5, size, seed=size).contiguous(memory_format=torch.channels_last)
+        for cached in (False, True):
+            copies.clear()
+            groups = mixed.Groups(spans, lambda g, n: tuple(variants[g][k] if k else None for k in n),
+                                  memo=[memos[g] if cached else {} for g in range(3)])
+            got = tower(x, groups)
+            dilated_in = -(-size // 4)  # the dilated convolution's input: the only one copied
+            assert copies and all(tuple(c[1:]) == (8, dilated_in, dilated_in) for c in copies)
+            with torch.inference_mode():
+                for g, (s, e) in enumerate(spans):
+                    close(got[s:e], functional_call(model, (variants[g], buffers), (x[s:e],)))
+
+
 def test_bfloat16_tower():
     b = load_backbone("switchbank-tiny-vit", device="cpu", dtype="bfloat16")
     tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
