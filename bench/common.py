@@ -45,12 +45,14 @@ def _isa(flags: set[str]) -> str:
 
 
 def machine_tag() -> str:
-    """Results' file suffix: the GPU, or the CPU's cores, with "-avx2" where the CPU lacks AVX-512
-    (its figures differ by several times; results without it come from an AVX512-BF16 CPU)."""
+    """Results' file suffix: the GPU, or the CPU's cores, with its vector extensions where they are
+    not AVX512-BF16's ("-avx2", "-avx512", "-amx"): its figures differ by several times, and which
+    of torch's kernels is fastest differs with them (results without a suffix come from an
+    AVX512-BF16 CPU)."""
     m = machine()
     if m["gpu"]:
         return "gpu-" + m["gpu"].split()[-1].lower()
-    return f"cpu{m['cores']}" + ("-avx2" if m["isa"] == "avx2" else "")
+    return f"cpu{m['cores']}" + ("" if m["isa"] == "avx512-bf16" else f"-{m['isa']}")
 
 
 def sync() -> None:
