@@ -63,6 +63,7 @@ class EngineStats:
     groups_hot: int = 0  # groups served from a cached tower
     groups_cold: int = 0  # groups served with tensors merged just in time
     rows: int = 0
+    copies: int = 0  # rows run as copies of a request, one per switch of its mix (mixed_ops.Copies)
     mixed_forward: bool = False
     mixed_unsupported: str = ""
     hot_tracked: int = 0
@@ -308,51 +309,99 @@ class Engine(SwitchSet):
         return feats
 
     def _one_pass(self, x: torch.Tensor, groups: dict[Combination, list[int]], switches) -> torch.Tensor:
-        """One mixed forward for the whole batch (a lone group runs every operation whole)."""
+        """One mixed forward for the whole batch (a lone group runs every operation whole).
+
+        Each combination runs on its cached weights where it has them. In a tower that takes
+        copies (MixedTower.decomposable), a mix without them runs as copies of its rows in the
+        groups of its switches (and of the base weights, for what its weights leave to them),
+        so it shares their weights, cached or merged once for the batch, instead of having
+        weights merged for it alone; elsewhere it gets weights merged just in time."""
         with ExitStack() as stack:
-            sources: list[Merged | None] = []
-            for combo in groups:
-                make = None
-                if combo not in self.cache and self.hot.admits(combo, self.cache.victims(self.cache.typical_bytes())):
-                    make = self._make(combo, switches)
-                sources.append(stack.enter_context(self.cache.lease(combo, make)))
-            hot = sum(s is not None for s in sources)
-            self._count(groups_hot=hot, groups_cold=len(sources) - hot, rows=x.shape[0])
-            if len(groups) == 1 and hot:
+            hashes = Hashes(switches)
+            units: dict[object, list[tuple[int, float]]] = {}  # a group's key -> (request, weight)
+            sources: dict[object, Merged | None] = {}
+            for combo, idx in groups.items():
+                src = sources[combo] = self._lease(stack, combo, switches)
+                if src is not None or not self.mixed.decomposable or _alone(combo):
+                    units.setdefault(combo, []).extend((i, 1.0) for i in idx)
+                    continue
+                del sources[combo]
+                parts = [(Combination.of({n: 1}, hashes), w) for n, _, w in combo.terms]
+                rest = 1 - sum(w for _, w in parts)
+                # weights sent as decimals rarely sum to 1 exactly (0.7 + 0.3 as binary fractions
+                # leaves about 1e-17): a base group for that would cost rows and change nothing
+                if abs(rest) > REST_MIN:
+                    parts.append((BASE, rest))
+                for key, w in parts:
+                    units.setdefault(key, []).extend((i, float(w)) for i in idx)
+            new = [k for k in units if k not in sources and k is not BASE]
+            self.hot.seen(new)  # a switch its mixes use often gets cached weights too
+            for key in new:
+                sources[key] = self._lease(stack, key, switches)
+            keys = list(units)
+            cold_keys = [k for k in keys if k is not BASE and sources[k] is None]
+            hot = len(keys) - len(cold_keys)
+            self._count(groups_hot=hot, groups_cold=len(cold_keys), rows=x.shape[0])
+            if len(keys) == 1 and hot:
                 self._count(batches_cached=1)
             else:
                 self._count(batches_mixed=1)
-            order = [i for idx in groups.values() for i in idx]
-            spans, start = [], 0
-            for idx in groups.values():
-                spans.append((start, start + len(idx)))
-                start += len(idx)
-            cold = [[(switches[n], float(w)) for n, _, w in combo.terms]
-                    for combo, s in zip(groups, sources) if s is None]
-            slot = {g: j for j, g in enumerate(g for g, s in enumerate(sources) if s is None)}
-            jit = self.jit
+            order, spans, copy_rows, first = [], [], [], {}
+            counts: dict[int, int] = {}
+            for rows in units.values():
+                for i, _ in rows:
+                    counts[i] = counts.get(i, 0) + 1
+            for key in keys:
+                spans.append((len(order), len(order) + len(units[key])))
+                for i, w in units[key]:
+                    first.setdefault(i, len(order))
+                    if counts[i] > 1 or w != 1.0:
+                        copy_rows.append((len(order), i, w))
+                    order.append(i)
+            cold = [[(switches[n], float(w)) for n, _, w in k.terms] for k in cold_keys]
+            slot = {k: j for j, k in enumerate(cold_keys)}
+            jit, base = self.jit, self.backbone.params
+            srcs = [sources.get(k) for k in keys]
 
             def fetch(g: int, names: tuple) -> tuple:
-                src = sources[g]
+                key, src = keys[g], srcs[g]
+                if key is BASE:
+                    return tuple(base[n] if n else None for n in names)
                 if src is None:
-                    return jit.get(slot[g], names)
+                    return jit.get(slot[key], names)
                 return tuple(src.params[n] if n else None for n in names)
 
+            self._count(copies=len(copy_rows))
             sorted_x = x if order == list(range(x.shape[0])) else x[order]
             needed = list({sw.name: sw for g in cold for sw, _ in g}.values())
+            device = self.backbone.device
+            memo = [self._base_memo if k is BASE else {} if s is None else s.memo for k, s in zip(keys, srcs)]
+            layout = mixed.Groups(spans, fetch, device, memo, mixed.Copies.of(copy_rows, device))
             with self.resident.use(needed), self._mixed_lock:
                 jit.begin(cold)
                 try:
-                    memo = [{} if s is None else s.memo for s in sources]
-                    out = self.backbone.forward_mixed(sorted_x, self.mixed,
-                                                      mixed.Groups(spans, fetch, self.backbone.device, memo))
+                    out = self.backbone.forward_mixed(sorted_x, self.mixed, layout)
                 finally:
                     jit.end()
             if sorted_x is x:
                 return out
-            feats = torch.empty_like(out)
-            feats[order] = out
-            return feats
+            return out[[first[i] for i in range(x.shape[0])]]
+
+    def _lease(self, stack: ExitStack, combo: Combination, switches) -> Merged | None:
+        """The cached weights of ``combo``, built now if it is hot enough and admitted; else None."""
+        make = None
+        if combo not in self.cache and self.hot.admits(combo, self.cache.victims(self.cache.typical_bytes())):
+            make = self._make(combo, switches)
+        return stack.enter_context(self.cache.lease(combo, make))
+
+
+BASE = "base"  # the group of the pretrained weights, where a mix's weights sum to less or more than 1
+REST_MIN = 1e-9  # far below float32's resolution (about 1e-7): a mix's output cannot show it
+
+
+def _alone(combo: Combination) -> bool:
+    """A combination that is one switch at weight 1: it has no copies to make."""
+    return len(combo.terms) == 1 and combo.terms[0][2] == 1
 
 
 def head_probs(head, feats: torch.Tensor) -> torch.Tensor:

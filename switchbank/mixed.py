@@ -14,7 +14,10 @@ are split, so that the mixing happens before the non-linearity; attention runs i
 out-projections per group and the attention itself on the whole batch.
 
 Where each group's tensors come from is the caller's business (``Groups.fetch``): a cached merged
-tower for a hot combination, or tensors merged just in time (see jit.py).
+tower for a hot combination, or tensors merged just in time (see jit.py). In a tower with no norm
+folded into a convolution (ViTs, ConvNeXt), a request may also run as copies, one in the group of
+each switch it mixes, whose outputs are mixed after every operation (mixed_ops.Copies): a mix then
+needs no merged weights of its own (``MixedTower.decomposable``, checked on the probe batch).
 
 :func:`build` returns None for a tower it cannot run this way (the engine then falls back to one
 forward per group); it checks that every parameter is read by one of the mixed operations and that
@@ -30,10 +33,11 @@ import torch
 from torch import nn
 
 from . import mixed_timm
-from .mixed_ops import (Groups, MixedBatchNorm, MixedConv, MixedViT, Names, _Active, _mixed_module, _Op, fold)
+from .mixed_ops import (Copies, Groups, MixedBatchNorm, MixedConv, MixedViT, Names, _Active, _mixed_module, _Op,
+                        fold)
 from .parts import Parts, whole
 
-__all__ = ["Groups", "MixedTower", "build"]
+__all__ = ["Copies", "Groups", "MixedTower", "build"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,9 @@ class MixedTower:
         self.missing = sorted(set(params) - covered)
         self.order: list[Names] = []  # parameter names in the order the forward reads them
         self._joins: list = []  # hooks that join Parts before other modules (see set_parts)
+        # whether a request may run as copies mixed after every operation (mixed_ops.Copies): no
+        # folded norm, and the probe batch answered so (set by build)
+        self.decomposable = False
 
     def __call__(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         self.active.groups = groups
@@ -220,4 +227,33 @@ def build(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, 
         return None, f"the mixed forward failed on a probe batch: {type(exc).__name__}: {exc}"
     if set(n for names in tower.order for n in names if n) != set(params):
         return None, "the probe forward did not read every parameter"
+    if not any(conv.bn is bn for conv, bn in tower.pairs):
+        try:
+            tower.decomposable = _copies_answer(model, tower, x, params, buffers, tol)
+        except Exception:  # an operation that does not take copies: requests run whole
+            tower.decomposable = False
     return tower, ""
+
+
+def _copies_answer(model, tower: MixedTower, x: torch.Tensor, params: dict, buffers: dict, tol: float) -> bool:
+    """Whether a request run as copies (one in each of two groups, weights 0.25 and 0.75) gives
+    what the merged weights give, beside a request run whole."""
+    from torch.func import functional_call
+    g = torch.Generator().manual_seed(0)
+    other = {n: t + 0.05 * t.abs().mean() * torch.randn(t.shape, generator=g).to(t.device, t.dtype)
+             for n, t in params.items()}
+    merged = {n: 0.25 * t + 0.75 * other[n] for n, t in params.items()}
+    rows = torch.cat([x, x[1:]])  # request 0, then request 1 twice
+
+    def fetch(gi, names):
+        src = params if gi == 0 else other
+        return tuple(src[n] if n else None for n in names)
+
+    copies = Copies.of([(1, 1, 0.25), (2, 1, 0.75)], x.device)
+    got = tower(rows, Groups([(0, 2), (2, 3)], fetch, x.device, copies=copies))
+    with torch.inference_mode():
+        want = torch.cat([model(x[:1]), functional_call(model, (merged, buffers), (x[1:],), tie_weights=False,
+                                                                  strict=False)])
+    close = got.shape[0] == 3 and torch.allclose(got[:2].float(), want.float(), rtol=10 * tol,
+                                                 atol=tol * float(want.abs().max()) + 1e-6)
+    return bool(close and torch.equal(got[1], got[2]))

@@ -26,11 +26,51 @@ Names = tuple  # parameter names of one operation, None for an absent bias
 
 
 @dataclass
+class Copies:
+    """Requests that run as several rows of the batch, one in the group of each switch they mix
+    (and one on the base weights for what their weights leave to it), with that switch's weight.
+
+    Every parameterised operation is affine in its parameters given its input, so with the
+    weights summing to 1 a request's output is the weighted sum of its copies' outputs. After
+    every such operation (:meth:`mix`) each copy gets that sum, so all copies enter the next
+    operation, and every non-linearity, alike. Only towers with no norm folded into a convolution
+    run this way: a folded norm scales the convolution's output by its own parameters (see
+    MixedTower.decomposable).
+    """
+
+    pos: torch.Tensor  # the rows of the batch that are copies
+    # [copies, copies]: row i of it holds, at each copy j of the same request, j's weight (else 0),
+    # so that its product with the copies' outputs gives every copy its request's sum
+    mixing: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: list[tuple[int, int, float]], device) -> Copies | None:
+        """From (row of the batch, request, weight) for every copy; None if there are none."""
+        if not rows:
+            return None
+        req = torch.tensor([r for _, r, _ in rows])
+        w = torch.tensor([w for _, _, w in rows], dtype=torch.float64)
+        mixing = torch.where(req[:, None] == req[None, :], w[None, :], 0.0)
+        return cls(torch.tensor([p for p, _, _ in rows], device=device), mixing.to(device))
+
+    def mix(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (batch first) with every copy's rows replaced by its request's weighted sum, in
+        place: one gather, one product over the copies, one scatter (the copies' activations are
+        large: a ViT-B-32 MLP's output is 600 KB a row)."""
+        acc = torch.float32 if out.dtype in (torch.float16, torch.bfloat16) else out.dtype  # sum in fp32
+        sub = out.index_select(0, self.pos).reshape(self.pos.shape[0], -1).to(acc)
+        mixed = torch.mm(self.mixing.to(acc), sub).to(out.dtype)
+        out.index_copy_(0, self.pos, mixed.view(-1, *out.shape[1:]))
+        return out
+
+
+@dataclass
 class Groups:
     """The row layout of one mixed forward.
 
     ``spans`` are the (start, end) row ranges of the groups, in order, covering the batch;
-    ``fetch(g, names)`` returns group g's tensors for ``names`` (None for a None name).
+    ``fetch(g, names)`` returns group g's tensors for ``names`` (None for a None name);
+    ``copies``, the rows whose outputs are mixed after every operation (see Copies).
     """
 
     spans: list[tuple[int, int]]
@@ -39,6 +79,7 @@ class Groups:
     # per group, tensors derived from its weights (folded convolutions), kept as long as the
     # caller keeps the dict: across batches for a cached tower, for one batch otherwise
     memo: list[dict] | None = None
+    copies: Copies | None = None
     _index: torch.Tensor | None = None
 
     def __post_init__(self):
@@ -62,10 +103,15 @@ class Groups:
             return [first]
         return out
 
+    def mix(self, out: torch.Tensor) -> torch.Tensor:
+        """``out`` with the copies' rows mixed (see Copies), where there are copies."""
+        return out if self.copies is None else self.copies.mix(out)
+
     def rows(self, values: list[torch.Tensor], ndim: int) -> torch.Tensor:
         """Per-row copies of per-group ``values`` ([D...] each), shaped [B, 1, ..., D...] for
-        broadcasting against an activation of ``ndim`` dimensions."""
-        stacked = torch.stack(values).index_select(0, self.index)
+        broadcasting against an activation of ``ndim`` dimensions; a request with copies gets its
+        mix (every per-row parameter is used affinely: scaled or added)."""
+        stacked = self.mix(torch.stack(values).index_select(0, self.index))
         extra = ndim - stacked.dim()
         return stacked.reshape(stacked.shape[:1] + (1,) * extra + stacked.shape[1:])
 
@@ -103,12 +149,14 @@ class _Op(nn.Module):
 
 def _per_group(groups: Groups, ts: list[tuple], x, fn, apart: bool = False):
     """fn(rows, *tensors) per group on its slice of ``x`` (batch first), joined back in order; with
-    ``apart``, or for an ``x`` that is already Parts, left as Parts."""
+    ``apart``, or for an ``x`` that is already Parts, left as Parts (joined where copies are mixed)."""
     split = isinstance(x, Parts)
     if len(ts) == 1 and not split:
         return fn(x, *ts[0])
     pieces = pieces_of(x, groups.spans)
     out = [fn(p, *t) for p, t in zip(pieces, per_piece(ts, len(pieces)))]
+    if groups.copies is not None:
+        return groups.mix(torch.cat(out))
     return Parts(out) if apart or split else torch.cat(out)
 
 
@@ -203,7 +251,7 @@ def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor, act: tuple = 
     out = x2.new_empty((x2.shape[0], ts[0][0].shape[0]))
     for (s, e), (w, bias) in zip(groups.spans, ts):
         out[s * per:e * per] = linear(x2[s * per:e * per], w, bias, act)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return groups.mix(out.view(*x.shape[:-1], out.shape[-1]))
 
 
 class MixedLinear(_Op):
