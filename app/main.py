@@ -75,7 +75,8 @@ def _load(settings: Settings) -> tuple[Bank, Engine]:
         raise StartupError(f"cannot load the backbone (SWITCHBANK_ARCH={settings.arch}, "
                            f"SWITCHBANK_WEIGHTS={settings.weights}): {exc}") from None
     engine = Engine(backbone, k=settings.k, cache_bytes=settings.cache_bytes, router_metric=settings.router_metric,
-                    hot_after=settings.hot_after, hot_mix_after=settings.hot_mix_after, mixed_forward=settings.mixed_forward,
+                    hot_after=settings.hot_after, hot_mix_after=settings.hot_mix_after,
+                    mixed_forward=settings.mixed_forward,
                     scratch_bytes=settings.scratch_bytes, resident_bytes=settings.resident_bytes,
                     router_exact_max=settings.router_exact_max, router_nprobe=settings.router_nprobe)
     engine.sync(bank)

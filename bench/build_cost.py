@@ -138,7 +138,8 @@ def serve_loads(mode: str, bank: str) -> dict:
 
     residency.load_bits = (lambda sw: arena.run_apart(counted, sw)) if mode == "apart" else counted
     backbone = load_backbone(DEMO_ARCH, device="cpu")
-    eng = Engine(backbone, k=10, cache_bytes=2 << 30, router_metric="cosine", hot_after=0, hot_mix_after=0, resident_bytes=LOAD_BUDGET)
+    eng = Engine(backbone, k=10, cache_bytes=2 << 30, router_metric="cosine", hot_after=0, hot_mix_after=0,
+                 resident_bytes=LOAD_BUDGET)
     eng.sync(Bank(bank))
     names = sorted(eng.switches)
     images = [im for _, im in demo_images()][:20 * BATCH]

@@ -98,8 +98,8 @@ class Hashes:
 
 class Engine(SwitchSet):
     def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30, router_metric: str = "l2",
-                 hot_after: int = 2, hot_mix_after: int = 8, mixed_forward: bool = True, scratch_bytes: int = DEFAULT_BUDGET,
-                 resident_bytes: int = 1 << 30, router_exact_max: int | None = None, router_nprobe: int | None = None,
+                 hot_after: int = 2, hot_mix_after: int = 8, mixed_forward: bool = True,
+                 scratch_bytes: int = DEFAULT_BUDGET, resident_bytes: int = 1 << 30, router_exact_max: int | None = None, router_nprobe: int | None = None,
                  warm: bool = True):
         super().__init__()
         self.backbone = backbone

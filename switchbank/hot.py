@@ -5,12 +5,12 @@ combination that comes back often. Auto-Switch traffic is mostly a few combinati
 plus a long tail of mixes that come a few times each. A combination of one switch is hot once it
 has appeared in ``after`` batches among the recent ones, a mix of several switches once it has
 appeared in ``mix_after``; until then its rows go through the one-pass mixed forward with tensors
-merged just in time, and it takes no cache entry. Mixes need more: a tower built for a mix that
-comes back two or three times costs more than merging it just in time each time (on the demo
-tower, a build takes about 26 ms with its page faults, the just-in-time merges of a batch's cold
-groups a few ms each; measured in bench/forward.py). When caching it would evict other combinations, it is
-admitted only if it has come more often than each of them (as TinyLFU admits), so that a full cache
-of combinations that come every batch is not churned by ones that come now and then. Counts are
+merged just in time (or as copies over its switches, see mixed_ops.Copies), and it takes no cache
+entry. Mixes need more: a tower built for a mix that comes back two or three times costs more
+than merging it just in time each time (on the demo tower, a build takes about 26 ms with its
+page faults; measured in bench/forward.py). When caching it would evict other combinations, it
+is admitted only if it has come more often than each of them (as TinyLFU admits), so that a full
+cache of combinations that come every batch is not churned by ones that come now and then. Counts are
 halved every ``window`` observations, so a combination that stops coming cools down again and the
 table stays bounded (about 2 x ``window`` keys at most).
 

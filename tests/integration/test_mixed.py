@@ -134,7 +134,8 @@ def test_same_padding_runs_as_a_grown_kernel_without_a_padded_copy(monkeypatch):
             m.running_var.uniform_(0.5, 2.0)
     assert sum(type(m).__name__ == "Conv2dSame" for m in model.modules()) == 3
     params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-    tower, why = mixed.build(model, params, buffers, torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+    probe = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    tower, why = mixed.build(model, params, buffers, probe)
     assert tower is not None, why
     copies, pad_same = [], mixed_ops.pad_same
     monkeypatch.setattr(mixed_ops, "pad_same", lambda x, *a, **k: copies.append(x.shape) or pad_same(x, *a, **k))
@@ -227,9 +228,10 @@ def check_engine(eng: Engine, x: torch.Tensor, routes: list[Route], rel: float =
 
 
 def check_copies(model, tower, variants: list[dict], buffers: dict, x: torch.Tensor) -> None:
-    """Requests run as copies (mixed_ops.Copies): one over three groups with weights summing to 1,
-    one over two summing to 0.7 with the base weights (variant 0) taking the rest, beside two run
-    whole; each against the model on its merged weights."""
+    """Requests run as copies (mixed_ops.Copies): one over all three groups (0.3, 0.5, 0.2), one
+    over variants 1 and 2 (0.4, 0.3) with variant 0, the base weights, taking the remaining 0.3 as
+    the engine's base group does, beside two run whole; each against the model on its merged
+    weights."""
     from torch.func import functional_call
     assert tower.decomposable
     mixes = [{0: 1.0}, {0: 0.3, 1: 0.5, 2: 0.2}, {1: 0.4, 2: 0.3, 0: 0.3}, {2: 1.0}]
