@@ -99,8 +99,8 @@ class Hashes:
 class Engine(SwitchSet):
     def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30, router_metric: str = "l2",
                  hot_after: int = 2, hot_mix_after: int = 8, mixed_forward: bool = True,
-                 scratch_bytes: int = DEFAULT_BUDGET, resident_bytes: int = 1 << 30, router_exact_max: int | None = None, router_nprobe: int | None = None,
-                 warm: bool = True):
+                 scratch_bytes: int = DEFAULT_BUDGET, resident_bytes: int = 1 << 30,
+                 router_exact_max: int | None = None, router_nprobe: int | None = None, warm: bool = True):
         super().__init__()
         self.backbone = backbone
         self.router = Router(backbone.embed_dim, k, router_metric, exact_max=router_exact_max, nprobe=router_nprobe)
@@ -320,6 +320,7 @@ class Engine(SwitchSet):
             hashes = Hashes(switches)
             units: dict[object, list[tuple[int, float]]] = {}  # a group's key -> (request, weight)
             sources: dict[object, Merged | None] = {}
+            split: set[int] = set()  # the requests that run as copies
             for combo, idx in groups.items():
                 src = sources[combo] = self._lease(stack, combo, switches)
                 if src is not None or not self.mixed.decomposable or _alone(combo):
@@ -334,6 +335,7 @@ class Engine(SwitchSet):
                     parts.append((BASE, rest))
                 for key, w in parts:
                     units.setdefault(key, []).extend((i, float(w)) for i in idx)
+                split.update(idx)
             new = [k for k in units if k not in sources and k is not BASE]
             self.hot.seen(new)  # a switch its mixes use often gets cached weights too
             for key in new:
@@ -347,15 +349,11 @@ class Engine(SwitchSet):
             else:
                 self._count(batches_mixed=1)
             order, spans, copy_rows, first = [], [], [], {}
-            counts: dict[int, int] = {}
-            for rows in units.values():
-                for i, _ in rows:
-                    counts[i] = counts.get(i, 0) + 1
             for key in keys:
                 spans.append((len(order), len(order) + len(units[key])))
                 for i, w in units[key]:
                     first.setdefault(i, len(order))
-                    if counts[i] > 1 or w != 1.0:
+                    if i in split:
                         copy_rows.append((len(order), i, w))
                     order.append(i)
             cold = [[(switches[n], float(w)) for n, _, w in k.terms] for k in cold_keys]

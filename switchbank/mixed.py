@@ -200,8 +200,7 @@ def build(model: nn.Module, params: dict[str, torch.Tensor], buffers: dict[str, 
     tol = 1e-4 if probe.dtype == torch.float32 else 2e-2  # fp16/bf16 round at about 1e-3 per operation
 
     def same(got):
-        return got.shape == want.shape and torch.allclose(
-            got.float(), want.float(), rtol=10 * tol, atol=tol * float(want.abs().max()) + 1e-6)
+        return _close(got, want, tol)
 
     try:
         with torch.inference_mode():
@@ -254,6 +253,10 @@ def _copies_answer(model, tower: MixedTower, x: torch.Tensor, params: dict, buff
     with torch.inference_mode():
         want = torch.cat([model(x[:1]), functional_call(model, (merged, buffers), (x[1:],), tie_weights=False,
                                                                   strict=False)])
-    close = got.shape[0] == 3 and torch.allclose(got[:2].float(), want.float(), rtol=10 * tol,
-                                                 atol=tol * float(want.abs().max()) + 1e-6)
-    return bool(close and torch.equal(got[1], got[2]))
+    return got.shape[0] == 3 and _close(got[:2], want, tol) and torch.equal(got[1], got[2])
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
+    """Whether a probe's answer matches the plain forward's, within ``tol`` of its largest value."""
+    return got.shape == want.shape and torch.allclose(
+        got.float(), want.float(), rtol=10 * tol, atol=tol * float(want.abs().max()) + 1e-6)

@@ -288,7 +288,7 @@ class MixedConv(_Op):
         # written (a oneDNN post-op), which saves a pass over the activations; set by the tower
         # when the norm's activation is one oneDNN computes exactly (see set_fused_act)
         self.act: tuple | None = None
-        self.in_shape: list[int] | None = None  # of the last input, padded: a hint for prepare
+        self.in_shape: list[int] | None = None  # of the last input as run (a padded copy where made): for prepare
         self._pad: dict = {}
         self._plans: dict = {}
 
@@ -411,7 +411,6 @@ class MixedConv(_Op):
         if isinstance(out, Parts):
             return out.map(lambda p: p.contiguous(memory_format=torch.channels_last))
         return out.contiguous(memory_format=torch.channels_last)
-
 
 
 def _batch_shape(x) -> list[int]:
