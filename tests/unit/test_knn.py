@@ -374,3 +374,79 @@ def test_rows_held_apart_stay_within_the_limit_and_leave_when_removed(ip, monkey
     _, got = index.search(np.concatenate([rare, common[:50]]), 30)
     assert not set(got.ravel().tolist()) & set(gone)
     assert all(len(set(row)) == len(row) for row in got.tolist())
+
+
+@pytest.mark.parametrize("l2", [True, False])
+def test_nearest_centres_are_those_of_a_brute_force_search(l2):
+    g = torch.Generator().manual_seed(7)
+    x, c = torch.randn(1000, 24, generator=g), torch.randn(40, 24, generator=g)
+    best, at = knn.nearest_centres(x, c, l2, block=128)  # several blocks, the last one short
+    d = torch.cdist(x.double(), c.double()) ** 2 if l2 else -(x.double() @ c.double().T)
+    assert torch.equal(at, d.argmin(1))
+    want = d.min(1).values if l2 else -d.min(1).values
+    torch.testing.assert_close(best.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_fits_as_well_as_faiss(spherical):
+    """The centres the IVF index is trained with fit the rows as closely as faiss's k-means does
+    (the sum of each row's squared distance to its nearest centre), on clustered rows."""
+    import faiss
+    g = torch.Generator().manual_seed(3)
+    x = (4 * torch.randn(40, 48, generator=g))[torch.randint(0, 40, (6000,), generator=g)]
+    x += torch.randn(6000, 48, generator=g)
+    if spherical:
+        x = torch.nn.functional.normalize(x, dim=1)
+
+    def fit(c):
+        return float(knn.nearest_centres(x, torch.as_tensor(c), True)[0].sum())
+
+    ours, theirs = [], []
+    for seed in range(5):  # medians: a single start lands in a better or a worse local optimum
+        c = knn.kmeans(x, 32, 10, spherical, seed=seed)
+        if spherical:
+            torch.testing.assert_close(c.norm(dim=1), torch.ones(32))
+        ours.append(fit(c))
+        km = faiss.Kmeans(48, 32, niter=10, spherical=spherical, seed=1234 + seed)
+        km.train(x.numpy())
+        theirs.append(fit(km.centroids))
+    assert np.median(ours) <= 1.05 * np.median(theirs)
+    assert max(ours) < 0.5 * fit(x[:32])  # and far better than rows taken as centres
+
+
+def test_kmeans_refills_centres_left_empty():
+    # 5 distinct rows for 8 centres: centres lose every row, and each is refilled by splitting the
+    # largest cluster rather than left as a division by zero
+    x = torch.eye(5, 16).repeat(40, 1) * 3
+    c = knn.kmeans(x, 8, 5, spherical=False, seed=0)
+    assert c.shape == (8, 16) and torch.isfinite(c).all()
+    assert float(knn.nearest_centres(x, c, True)[0].max()) < 5  # every row near a centre (3^2 + 3^2 apart)
+
+
+def test_an_ivf_built_on_a_background_thread_leaves_the_work_to_faiss():
+    """A rebuild's thread (one_thread) trains and assigns with faiss, one thread; the index it
+    makes answers as one built with torch's products does."""
+    import threading
+    from switchbank.knn import IVF
+    g = np.random.default_rng(4)
+    x = g.normal(size=(3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    built = {}
+
+    def build(name):
+        if name == "background":
+            knn.one_thread()
+        index = IVF(32, True, 16, 16, x[:1000])
+        index.add(np.arange(3000), x)
+        built[name] = (index, knn._alone())
+
+    for name in ("background", "foreground"):
+        t = threading.Thread(target=build, args=(name,))
+        t.start()
+        t.join()
+    assert built["background"][1] and not built["foreground"][1]
+    want = np.argsort(-(x[:50] @ x.T), axis=1)[:, :5]
+    for index, _ in built.values():
+        assert index.ntotal == 3000
+        d, i = index.search(x[:50], 5)  # every list probed: exact
+        assert (i == want).all()
