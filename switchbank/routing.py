@@ -50,6 +50,14 @@ METRICS = ("l2", "cosine")
 EXACT_MAX = 200_000
 EXACT_MAX_FLOAT32 = 60_000
 TRAIN = 20_000  # vectors an IVF index is trained on
+# The first pass over a bank stops at TRAIN vectors where the distinct vectors it projects for the
+# whole bank (from the share of examples read, in random task order) reach EARLY times the exact
+# limit; else it reads on to the limit. A projection that far off would need the unread tasks to
+# share their examples far more than the read ones do; if it was, the bank gets an IVF index it
+# could have done without (needs_rebuild turns one back into an exact index below half the limit).
+# At 2 rather than 1.25, a bank of 1,000 distinct switches (100,000 vectors, limit 60,000) was read
+# to 60,000 vectors, and those read twice.
+EARLY = 1.25
 # source(tasks) yields (task, embeddings) for the given tasks, or for every task when tasks is None
 Source = Callable[[list[str] | None], Iterable[tuple[str, np.ndarray]]]
 
@@ -393,9 +401,9 @@ class Router:
             if n <= floor and n < TRAIN:  # neither check below can fire: no need to time the scan
                 continue
             limit = self.exact_limit()
-            # past the IVF's training sample, stop early where the bank is on course for twice the
-            # exact index's limit (if it was not, needs_rebuild turns the IVF back into an exact index)
-            if n > limit or (n >= TRAIN and n * examples > 2 * limit * state[1].count):
+            # past the IVF's training sample, stop early where the bank is on course for EARLY times
+            # the exact index's limit: every vector read so far is read again for the IVF
+            if n > limit or (n >= TRAIN and n * examples > EARLY * limit * state[1].count):
                 break
         else:
             state[0].ready()
