@@ -80,6 +80,7 @@ def kmeans(x: torch.Tensor, k: int, niter: int, spherical: bool, seed: int = 123
     machine, 2 threads). Its centres fit rows as closely as faiss's do (tests/unit/test_knn.py)."""
     g = torch.Generator().manual_seed(seed)
     c = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
+    nudge = torch.where(torch.arange(x.shape[1]) % 2 == 0, 1.0, -1.0) / 1024
     for _ in range(niter):
         lists = nearest_centres(x, c, not spherical)[1]
         size = torch.bincount(lists, minlength=k)
@@ -87,7 +88,6 @@ def kmeans(x: torch.Tensor, k: int, niter: int, spherical: bool, seed: int = 123
         for j in torch.nonzero(size == 0).flatten().tolist():
             big = int(torch.argmax(size))
             # the two halves of the largest cluster, each around a copy of its centre nudged apart
-            nudge = torch.where(torch.arange(c.shape[1]) % 2 == 0, 1.0, -1.0) / 1024
             c[j], c[big] = c[big] * (1 + nudge), c[big] * (1 - nudge)
             size[j] = size[big] // 2
             size[big] -= size[j]
@@ -486,14 +486,15 @@ class IVF:
     are assigned to them by :func:`nearest_centres`: both on torch's matrix products, which made
     building the index for a bank of 1,000 distinct switches 3.6-3.8 s against 6.6-7.6 s with
     faiss's own (Intel AVX-512 machine; faiss still trains the 8-bit quantiser on the lists'
-    residuals, and a rebuild in the background leaves all of it to faiss, see :func:`one_thread`). Rows added later that lie
-    far from every centre (switches of a new domain, say) crowd into the lists nearest to them,
-    whose centres no longer describe them, and searches miss their neighbours: on a bank grown by
-    uploads one task after another, from 2,006 to 3,006 distinct switches, the weights matched exact
-    search on 73% of the held-out images, against 99% for an index built on the same bank. So the
-    index tracks how far added rows lie from their centres (:meth:`drift`), and the router rebuilds
-    it once they lie DRIFT times as far as the rows it was built with (rows like those measured
-    1.03-1.04 on that bank, uploaded in shuffled order).
+    residuals, and a rebuild in the background leaves all of it to faiss, see :func:`one_thread`).
+
+    Rows added later that lie far from every centre (switches of a new domain, say) crowd into the
+    lists nearest to them, whose centres no longer describe them, and searches miss their
+    neighbours: on a bank grown by uploads one task after another, from 2,006 to 3,006 distinct
+    switches, the weights matched exact search on 73% of the held-out images, against 99% for an
+    index built on the same bank. So the index tracks how far added rows lie from their centres
+    (:meth:`drift`), and the router rebuilds it once they lie DRIFT times as far as the rows it was
+    built with (rows like those measured 1.03-1.04 on that bank, uploaded in shuffled order).
 
     A rebuild does not help a bank that stays lopsided: hundreds of switches of four tasks and one
     each of two others gave lists centred on the four, with the two tasks' rows in lists whose
