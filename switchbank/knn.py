@@ -68,7 +68,8 @@ def one_thread() -> None:
     _background.alone = True
 
 
-def _alone() -> bool:
+def alone() -> bool:
+    """Whether the calling thread has called :func:`one_thread`."""
     return getattr(_background, "alone", False)
 
 
@@ -519,7 +520,7 @@ class IVF:
         self.index = faiss.IndexIVFScalarQuantizer(self.quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
         self.index.cp.niter = 10
         train = np.ascontiguousarray(train, dtype=np.float32)
-        if not _alone():  # a pre-trained quantizer holding nlist centres is left as it is by train
+        if not alone():  # a pre-trained quantizer holding nlist centres is left as it is by train
             self.quantizer.add(kmeans(torch.from_numpy(train), nlist, self.index.cp.niter, spherical=ip).numpy())
         self.index.train(train)
         self.centres = torch.from_numpy(self.quantizer.reconstruct_n(0, nlist))
@@ -602,7 +603,7 @@ class IVF:
         """Each row's distance to its nearest list centre (1 - inner product for unit rows), and
         that centre's list, which the row is added to (the assignment made here once, for both)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if _alone():
+        if alone():
             d, lists = self.quantizer.search(x, 1)
             d, lists = d[:, 0], lists[:, 0]
         else:  # torch's products: 0.4 s for 100,000 rows and 256 centres against faiss's 2.1 s

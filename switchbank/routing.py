@@ -33,7 +33,7 @@ import torch
 
 from .allocator import release_freed_memory
 from .errors import Incompatible, InvalidInput
-from .knn import IVF, Exact, bf16_fast, ivf_lists, ivf_nprobe, one_thread
+from .knn import IVF, Exact, alone, bf16_fast, ivf_lists, ivf_nprobe, one_thread
 from .priority import lower_this_thread
 
 log = logging.getLogger(__name__)
@@ -191,10 +191,15 @@ class _Batched:
         self.held = 0
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
+        # a background rebuild's builder keeps its faiss work to one thread: so does its indexer (the
+        # count is each thread's own; the lower priority is inherited)
+        self._alone = alone()
         self._worker = threading.Thread(target=self._work, name="switchbank-router-index", daemon=True)
         self._worker.start()
 
     def _work(self) -> None:
+        if self._alone:
+            one_thread()
         while (batch := self._queue.get()) is not None:
             if self._error is None:  # after a failure, only drain: the builder learns at close
                 try:

@@ -438,7 +438,7 @@ def test_an_ivf_built_on_a_background_thread_leaves_the_work_to_faiss():
             knn.one_thread()
         index = IVF(32, True, 16, 16, x[:1000])
         index.add(np.arange(3000), x)
-        built[name] = (index, knn._alone())
+        built[name] = (index, knn.alone())
 
     for name in ("background", "foreground"):
         t = threading.Thread(target=build, args=(name,))

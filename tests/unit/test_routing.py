@@ -638,3 +638,35 @@ def test_the_first_pass_stops_at_the_training_sample_where_the_bank_will_not_fit
     r.load(source, counts)
     assert r.kind == kind and r.stats()["distinct_vectors"] == tasks * 100
     assert len(read) == (TRAIN // 100 + tasks if kind == "approximate" else tasks)
+
+
+def test_a_background_rebuild_keeps_its_indexing_to_one_thread(monkeypatch):
+    """The IVF index's adds run on a thread of their own; in a background rebuild that thread,
+    like the rebuild's, leaves the work to faiss on one thread (knn.one_thread), where the first
+    build's use torch's products."""
+    import threading
+    from switchbank import knn
+    seen = []
+    add = knn.IVF.add
+
+    def recording(self, *args, **kw):
+        seen.append((threading.current_thread().name, knn.alone()))
+        return add(self, *args, **kw)
+
+    monkeypatch.setattr(knn.IVF, "add", recording)
+    data, _ = clusters(30, 20, 8, seed=2)
+    r = Router(dim=8, k=5, exact_max=100, nprobe=4)
+    r.load(source_of(data), {t: 20 for t in data})
+    assert seen and all(name == "switchbank-router-index" and not a for name, a in seen)
+    seen.clear()
+    for i in range(40):
+        r.add(f"x{i}", data["t1"] + 100 + i)
+    assert all(not a for _, a in seen)  # uploads: on the caller's thread
+    seen.clear()
+    everything = {**data, **{f"x{i}": data["t1"] + 100 + i for i in range(40)}}
+    assert r.needs_rebuild() and r.rebuild(source_of(everything), {t: 20 for t in everything})
+    rebuilder = r._rebuilding
+    if rebuilder is not None:  # unless it has finished already
+        rebuilder.join()
+    assert r.rebuilds == 1
+    assert seen and all(name == "switchbank-router-index" and a for name, a in seen)
