@@ -520,9 +520,19 @@ class IVF:
         self.index = faiss.IndexIVFScalarQuantizer(self.quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
         self.index.cp.niter = 10
         train = np.ascontiguousarray(train, dtype=np.float32)
-        if not alone():  # a pre-trained quantizer holding nlist centres is left as it is by train
-            self.quantizer.add(kmeans(torch.from_numpy(train), nlist, self.index.cp.niter, spherical=ip).numpy())
-        self.index.train(train)
+        if alone():
+            self.index.train(train)
+        else:
+            # faiss's train, given the centres, would assign the sample again with its own products
+            # to fit the 8-bit quantiser to the residuals: the assignment is made here, and the
+            # quantiser trained on those residuals as faiss trains it
+            rows = torch.from_numpy(train)
+            centres = kmeans(rows, nlist, self.index.cp.niter, spherical=ip)
+            self.quantizer.add(centres.numpy())
+            if self.index.by_residual:
+                rows = rows - centres[nearest_centres(rows, centres, not ip)[1]]
+            self.index.sq.train(rows.numpy())
+            self.index.is_trained = True
         self.centres = torch.from_numpy(self.quantizer.reconstruct_n(0, nlist))
         self.index.nprobe = min(nprobe, nlist)
         self.dim, self.ip, self.nlist, self.candidates = dim, ip, nlist, candidates

@@ -450,3 +450,24 @@ def test_an_ivf_built_on_a_background_thread_leaves_the_work_to_faiss():
         assert index.ntotal == 3000
         d, i = index.search(x[:50], 5)  # every list probed: exact
         assert (i == want).all()
+
+
+@pytest.mark.parametrize("ip", [True, False])
+def test_the_ivf_quantiser_is_trained_as_faiss_trains_it(ip):
+    """The IVF index fits its 8-bit quantiser to the sample's residuals itself; faiss's own train,
+    given the same list centres, fits the same one."""
+    import faiss
+    from switchbank.knn import IVF
+    g = np.random.default_rng(6)
+    x = g.normal(size=(2000, 24)).astype(np.float32)
+    if ip:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index = IVF(24, ip, 16, 4, x)
+    q = faiss.IndexFlatIP(24) if ip else faiss.IndexFlatL2(24)
+    q.add(index.centres.numpy())
+    theirs = faiss.IndexIVFScalarQuantizer(q, 24, 16, faiss.ScalarQuantizer.QT_8bit,
+                                           faiss.METRIC_INNER_PRODUCT if ip else faiss.METRIC_L2)
+    theirs.train(x)
+    assert index.index.is_trained
+    np.testing.assert_allclose(faiss.vector_to_array(index.index.sq.trained), faiss.vector_to_array(theirs.sq.trained),
+                               rtol=1e-6, atol=1e-6)
