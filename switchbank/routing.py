@@ -419,7 +419,8 @@ class Router:
         # the bank's distinct vectors, projected from the share of its examples read so far
         seen = state[0].ntotal
         distinct = max(seen, int(examples * seen / max(1, state[1].count)))
-        nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39))
+        # no more lists than training rows (a tiny exact limit): k-means needs a row per centre
+        nlist = min(ivf_lists(distinct), max(16, train.shape[0] // 39), train.shape[0])
         nprobe = ivf_nprobe(nlist, distinct) if self.nprobe is None else self.nprobe
         ivf = IVF(self.dim, ip, nlist, nprobe, train, capacity=distinct + distinct // 8)
         batched = _Batched(ivf)

@@ -670,3 +670,16 @@ def test_a_background_rebuild_keeps_its_indexing_to_one_thread(monkeypatch):
         rebuilder.join()
     assert r.rebuilds == 1
     assert seen and all(name == "switchbank-router-index" and a for name, a in seen)
+
+
+def test_an_exact_limit_below_sixteen_vectors_still_builds_an_ivf_index():
+    """An IVF index gets no more lists than it has training rows: with a limit of 5 and 12 vectors
+    the build used to fail in k-means (fewer rows than centres)."""
+    g = np.random.default_rng(0)
+    data = {f"t{i}": g.normal(size=(4, 8)).astype(np.float32) for i in range(3)}
+    r, exact = Router(dim=8, k=3, exact_max=5), Router(dim=8, k=3)
+    for router in (r, exact):
+        router.load(source_of(data), {t: 4 for t in data})
+    assert r.kind == "approximate" and r.stats()["nlist"] <= 12
+    q = np.concatenate(list(data.values())) + 0.01
+    assert r.counts(q) == exact.counts(q)  # every list probed
