@@ -520,31 +520,37 @@ class IVF:
         self.index = faiss.IndexIVFScalarQuantizer(self.quantizer, dim, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
         self.index.cp.niter = 10
         train = np.ascontiguousarray(train, dtype=np.float32)
+        self.ip = ip
+        fit_rows = train[:self.BASELINE_ROWS]
         if alone():
             self.index.train(train)
+            self.centres = torch.from_numpy(self.quantizer.reconstruct_n(0, nlist))
+            fit_far = self._far(fit_rows)[0]
         else:
             # faiss's train, given the centres, would assign the sample again with its own products
             # to fit the 8-bit quantiser to the residuals: the assignment is made here, and the
             # quantiser trained on those residuals as faiss trains it (0.14-0.16 s against
             # 0.30-0.34 s for 20,000 1280-d rows)
             rows = torch.from_numpy(train)
-            centres = kmeans(rows, nlist, self.index.cp.niter, spherical=ip)
-            self.quantizer.add(centres.numpy())
+            self.centres = kmeans(rows, nlist, self.index.cp.niter, spherical=ip)
+            self.quantizer.add(self.centres.numpy())
+            best, lists = nearest_centres(rows, self.centres, not ip)
             if self.index.by_residual:
-                rows = rows - centres[nearest_centres(rows, centres, not ip)[1]]
+                rows = rows - self.centres[lists]
             self.index.sq.train(rows.numpy())
             self.index.is_trained = True
-        self.centres = torch.from_numpy(self.quantizer.reconstruct_n(0, nlist))
+            fit_far = self._as_far(best[:fit_rows.shape[0]].numpy())  # that assignment, not made again
         self.index.nprobe = min(nprobe, nlist)
-        self.dim, self.ip, self.nlist, self.candidates = dim, ip, nlist, candidates
+        self.dim, self.nlist, self.candidates = dim, nlist, candidates
         self.trained_on = int(train.shape[0])
         self.built_on = 0  # vectors when it was built: a rebuild is due once that has halved or doubled
         # How far rows lie from their nearest list centre (see drift): the training rows' mean over
         # the first BASELINE_ROWS of them (a fallback, for an index built on its training sample
-        # alone: the centres were fitted to them; all 20,000 cost 80 ms a build, these 19 ms), the
+        # alone: the centres were fitted to them; measured on a thread of its own, on the others
+        # read from the assignment that fitted the quantiser), the
         # first BASELINE_ROWS rows added beyond the training sample while the index is built, and
         # the rows added once it is (``tracking``).
-        self.fit = float(self._far(train[:self.BASELINE_ROWS])[0].mean())
+        self.fit = float(fit_far.mean())
         self.tracking = False
         self.seen = 0
         self.baseline_far, self.baseline_rows = 0.0, 0
@@ -619,7 +625,11 @@ class IVF:
             d, lists = d[:, 0], lists[:, 0]
         else:  # torch's products: 0.4 s for 100,000 rows and 256 centres against faiss's 2.1 s
             d, lists = (t.numpy() for t in nearest_centres(torch.from_numpy(x), self.centres, not self.ip))
-        return (1.0 - d if self.ip else d), np.ascontiguousarray(lists, dtype=np.int64)
+        return self._as_far(d), np.ascontiguousarray(lists, dtype=np.int64)
+
+    def _as_far(self, d: np.ndarray) -> np.ndarray:
+        """Distances from a nearest-centre search (the largest inner product for unit rows)."""
+        return 1.0 - d if self.ip else d
 
     def _hold_apart(self, ids: np.ndarray, far: np.ndarray) -> None:
         """Hold apart the new rows farthest from their centres, up to SIDE_MAX with those held
