@@ -546,10 +546,10 @@ class IVF:
         self.built_on = 0  # vectors when it was built: a rebuild is due once that has halved or doubled
         # How far rows lie from their nearest list centre (see drift): the training rows' mean over
         # the first BASELINE_ROWS of them (a fallback, for an index built on its training sample
-        # alone: the centres were fitted to them; measured on a thread of its own, on the others
-        # read from the assignment that fitted the quantiser), the
-        # first BASELINE_ROWS rows added beyond the training sample while the index is built, and
-        # the rows added once it is (``tracking``).
+        # alone: the centres were fitted to them; read from the assignment that fitted the
+        # quantiser, or on a rebuild's thread measured with faiss), the first BASELINE_ROWS rows
+        # added beyond the training sample while the index is built, and the rows added once it
+        # is (``tracking``).
         self.fit = float(fit_far.mean())
         self.tracking = False
         self.seen = 0
