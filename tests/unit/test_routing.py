@@ -683,3 +683,27 @@ def test_an_exact_limit_below_sixteen_vectors_still_builds_an_ivf_index():
     assert r.kind == "approximate" and r.stats()["nlist"] <= 12
     q = np.concatenate(list(data.values())) + 0.01
     assert r.counts(q) == exact.counts(q)  # every list probed
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_the_router_holds_rows_of_every_form_and_leaves_the_callers_alone(metric):
+    """float32 arrays and tensors, strided, float64, float16 and bfloat16 rows are held as unit rows
+    (cosine) or as given (l2), and the caller's rows are not changed (the cosine metric scales its
+    own copy in place)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=g)
+    forms = {"numpy": base.numpy().copy(), "tensor": base.clone(), "strided": base.T.contiguous().T,
+             "float64": base.double().numpy(), "float16": base.half(), "bfloat16": base.bfloat16(),
+             "float16 numpy, reversed": base.half().numpy()[::-1]}
+    for name, rows in forms.items():
+        before = rows.clone() if isinstance(rows, torch.Tensor) else rows.copy()
+        want = before.float() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(before, dtype=np.float32))
+        if metric == "cosine":
+            want = torch.nn.functional.normalize(want, dim=1)
+        r = Router(dim=8, k=1, metric=metric)
+        r.add("t", rows)
+        held = r._index.vectors()
+        assert held.flags.c_contiguous, name
+        np.testing.assert_allclose(held, want.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
+        same = torch.equal(rows, before) if isinstance(rows, torch.Tensor) else np.array_equal(rows, before)
+        assert same, name
