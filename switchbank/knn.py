@@ -73,6 +73,17 @@ def alone() -> bool:
     return getattr(_background, "alone", False)
 
 
+def unit_rows(x: np.ndarray | None, norms: np.ndarray | None, half: np.ndarray | None) -> np.ndarray:
+    """Rows as an index takes them: ``x``, or where a caller left it out (x = half / norms, see
+    routing.Rows), made from the float16 rows and their norms, as the router would have made it."""
+    if x is not None:
+        return x
+    t = torch.from_numpy(np.ascontiguousarray(half)).float()
+    if norms is not None:
+        t.div_(torch.from_numpy(np.ascontiguousarray(norms, dtype=np.float32)).unsqueeze(1))
+    return t.numpy()
+
+
 def kmeans(x: torch.Tensor, k: int, niter: int, spherical: bool, seed: int = 1234) -> torch.Tensor:
     """k centres for rows ``x`` by Lloyd's iterations, as faiss's Clustering makes them (k of the
     rows drawn at random to start; an emptied centre takes a copy of the largest cluster's, moved
@@ -325,10 +336,12 @@ class Exact:
 
     def add(self, ids: np.ndarray, x: np.ndarray, norms: np.ndarray | None = None, half: np.ndarray | None = None) -> None:
         """Add rows ``x`` under ``ids``; ``half``: the float16 rows x was made from, x = half / norms
-        (or x = half, without ``norms``), which are then kept instead of x."""
+        (or x = half, without ``norms``), which are then kept instead of x (``x`` may be left out
+        where they are given)."""
         ids = np.asarray(ids, dtype=np.int64)
         if not ids.size:
             return
+        x = unit_rows(x, norms, half)
         listed = ids.tolist()
         fresh = [i for i in listed if i not in self.slot]
         self._grow(self.used + max(0, len(fresh) - len(self.free)))
@@ -573,9 +586,11 @@ class IVF:
         held-out images at 10,000 distinct switches). ``half``: those float16 rows themselves, where
         x came from them (x = half / norm); then they are kept as they are, in one copy: at a
         million rows this call spent 1.6-2.1 s besides faiss's add, against 3.0-3.3 s scaling
-        and rounding them a block at a time."""
+        and rounding them a block at a time. ``x`` may be left out where ``half`` is given (it is then
+        made here, on the indexing thread, see routing.Rows)."""
         if not ids.size:
             return
+        x = unit_rows(x, norms, half)
         top = int(ids.max()) + 1
         self.top = max(self.top, top)
         if top > self.full.shape[0]:

@@ -33,7 +33,7 @@ import torch
 
 from .allocator import release_freed_memory
 from .errors import Incompatible, InvalidInput
-from .knn import IVF, Exact, alone, bf16_fast, ivf_lists, ivf_nprobe, one_thread
+from .knn import IVF, Exact, alone, bf16_fast, ivf_lists, ivf_nprobe, one_thread, unit_rows
 from .priority import lower_this_thread
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,24 @@ Source = Callable[[list[str] | None], Iterable[tuple[str, np.ndarray]]]
 
 class Rows(NamedTuple):
     """A task's examples as the index holds them, and (cosine metric) each one's norm before it was
-    scaled to unit length, from which the IVF index keeps them exactly as a float16 file gave them."""
+    scaled to unit length, from which the IVF index keeps them exactly as a float16 file gave them.
 
-    x: np.ndarray
+    Rows that came as float16 for the cosine metric leave ``x`` out (None): the index makes it
+    from them (knn.unit_rows), the IVF index on its own thread, a batch at a time. Reading a bank
+    of 10,000 distinct switches, making x on the reading thread, switch by switch, and joining it
+    into batches for the IVF was about a quarter of that thread's time under a profiler."""
+
+    x: np.ndarray | None
     norms: np.ndarray | None
     half: np.ndarray | None = None  # the rows as they came, where they came as float16 (a file's)
+
+    @property
+    def n(self) -> int:
+        return (self.x if self.x is not None else self.half).shape[0]
+
+    def unit(self) -> np.ndarray:
+        """x, made where it was left out."""
+        return unit_rows(*self)
 
 
 class Keyed(NamedTuple):
@@ -111,9 +124,9 @@ class _Examples:
         vector it finds into the examples it stands for."""
         return _Examples.block(rows.half if rows.half is not None else rows.x)
 
-    def add(self, x: np.ndarray, keyed: Keyed) -> tuple[int, np.ndarray, np.ndarray]:
-        """Record a task's examples ``x`` under their keys (:meth:`keys`); returns (its task id, new
-        uids, their rows in x to index)."""
+    def add(self, keyed: Keyed) -> tuple[int, np.ndarray, np.ndarray]:
+        """Record a task's examples under their keys (:meth:`keys`); returns (its task id, new
+        uids, their rows to index)."""
         tid = self.next_tid
         self.next_tid += 1
         block, keys = keyed
@@ -216,9 +229,13 @@ class _Batched:
 
     def _send(self) -> None:
         if self.held:
+            parts = self.parts
+            if any(p[1] is None for p in parts) and not all(p[1] is None for p in parts):
+                # rows left for the index to make (Rows), beside rows that came whole: made here
+                parts = [(p[0], unit_rows(*p[1:]), *p[2:]) if p[1] is None else p for p in parts]
             # a part that some block lacks (rows that did not come as float16, say) is left out
             self._queue.put(tuple(None if any(p is None for p in part) else np.concatenate(part)
-                                  for part in zip(*self.parts)))
+                                  for part in zip(*parts)))
         self.parts, self.held = [], 0
 
     def close(self, send: bool = True) -> None:
@@ -286,7 +303,7 @@ class Router:
 
     def prepare(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
         """float32 rows as the index holds them (unit length for the cosine metric)."""
-        return self._rows(embeddings).x
+        return self._rows(embeddings).unit()
 
     def _rows(self, embeddings) -> Rows:
         half = None
@@ -312,22 +329,38 @@ class Router:
             return Rows(t.div_(norms.unsqueeze(1)).numpy(), norms.numpy(), half)
         return Rows(t.numpy(), None, half)
 
+    def _lazy_rows(self, embeddings) -> Rows | None:
+        """Float16 rows for the cosine metric, x left out (see Rows); None for any other."""
+        if self.metric != "cosine":
+            return None
+        if isinstance(embeddings, np.ndarray) and embeddings.dtype == np.float16:
+            half = np.ascontiguousarray(embeddings)
+        elif isinstance(embeddings, torch.Tensor) and embeddings.dtype == torch.float16 and embeddings.device.type == "cpu":
+            half = embeddings.detach().contiguous().numpy()
+        else:
+            return None
+        if half.ndim != 2 or not half.shape[0]:
+            return None
+        # the norms in float32, as the float32 rows would give them (the same sums, no copy made)
+        norms = torch.linalg.vector_norm(torch.from_numpy(half), dim=1, dtype=torch.float32).clamp_min_(1e-12)
+        return Rows(None, norms.numpy(), half)
+
     def _checked(self, task: str, embeddings) -> Rows:
-        rows = self._rows(embeddings)
-        x = rows.x
-        if x.ndim != 2 or x.shape[1] != self.dim or x.shape[0] == 0:
-            raise Incompatible(f"task {task!r}: query embeddings of shape {x.shape} do not fit a {self.dim}-d router")
+        rows = self._lazy_rows(embeddings) or self._rows(embeddings)
+        shape = (rows.x if rows.x is not None else rows.half).shape
+        if len(shape) != 2 or shape[1] != self.dim or shape[0] == 0:
+            raise Incompatible(f"task {task!r}: query embeddings of shape {shape} do not fit a {self.dim}-d router")
         # a row with NaN or infinity has a norm that is not finite, so for the cosine metric the norms
         # tell; the rows themselves are checked only where they cannot (no norms, or one overflowed)
-        if not (rows.norms is not None and np.isfinite(rows.norms).all()) and not np.isfinite(x).all():
+        if not (rows.norms is not None and np.isfinite(rows.norms).all()) and not np.isfinite(rows.unit()).all():
             raise InvalidInput(f"task {task!r}: query embeddings contain NaN or infinity")
         return rows
 
     @staticmethod
     def _insert(state, task: str, rows: Rows, keyed: Keyed | None = None) -> None:
         index, ex, tids, names = state
-        tid, new, at = ex.add(rows.x, keyed or _Examples.keys(rows))
-        if new.size == len(rows.x):  # every row (in order, as add returns them): no copy to take
+        tid, new, at = ex.add(keyed or _Examples.keys(rows))
+        if new.size == rows.n:  # every row (in order, as add returns them): no copy to take
             index.add(new, *rows)
         elif new.size:
             index.add(new, *(None if part is None else part[at] for part in rows))

@@ -707,3 +707,43 @@ def test_the_router_holds_rows_of_every_form_and_leaves_the_callers_alone(metric
         np.testing.assert_allclose(held, want.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
         same = torch.equal(rows, before) if isinstance(rows, torch.Tensor) else np.array_equal(rows, before)
         assert same, name
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 30])
+def test_float16_rows_left_for_the_index_to_scale_route_as_rows_scaled_at_once(exact_max, monkeypatch):
+    """For the cosine metric, float16 rows (a file's) reach the index unscaled and are made unit
+    rows there (routing.Rows), alone or in one IVF batch with rows that came as float32: the routes
+    are those of the same rows scaled as they were read, and for exact search those of the same
+    values given as float32."""
+    g = np.random.default_rng(13)
+    values = {f"t{i:02d}": (g.normal(size=(5, 6)) + 3 * (i % 4)).astype(np.float16) for i in range(24)}
+    forms = {t: (torch.from_numpy(v) if i % 3 == 0 else v if i % 3 == 1 else v.astype(np.float32))
+             for i, (t, v) in enumerate(values.items())}
+    queries = np.concatenate([v.astype(np.float32) for v in values.values()] + [g.normal(size=(30, 6)).astype(np.float32) * 3])
+
+    def routes():
+        r = Router(dim=6, k=7, metric="cosine", exact_max=exact_max, nprobe=64)
+        r.load(source_of(forms), {t: 5 for t in forms})
+        assert r.kind == ("exact" if exact_max > 1000 else "approximate") and r.stats()["distinct_vectors"] == 24 * 5
+        r.add("late", torch.from_numpy(values["t00"]))  # after the build: the same rows, another task
+        return r.counts(queries)
+
+    left = []  # whether each read left x out
+    lazy = Router._lazy_rows
+
+    def spy(self, e):
+        rows = lazy(self, e)
+        left.append(rows is not None and rows.x is None)
+        return rows
+
+    monkeypatch.setattr(Router, "_lazy_rows", spy)
+    got = routes()
+    assert sum(left) >= 16 + 1 and not all(left)  # the float16 tasks' (and the late one's), not the others'
+    monkeypatch.setattr(Router, "_lazy_rows", lambda self, e: None)  # every row scaled as it is read
+    assert got == routes()
+    assert any(row.get("late") for row in got)
+    if exact_max > 1000:
+        ref = Router(dim=6, k=7, metric="cosine")
+        ref.load(source_of({t: v.astype(np.float32) for t, v in values.items()}), {t: 5 for t in values})
+        ref.add("late", values["t00"].astype(np.float32))
+        assert got == ref.counts(queries)
