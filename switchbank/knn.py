@@ -73,15 +73,23 @@ def alone() -> bool:
     return getattr(_background, "alone", False)
 
 
-def unit_rows(x: np.ndarray | None, norms: np.ndarray | None, half: np.ndarray | None) -> np.ndarray:
-    """Rows as an index takes them: ``x``, or where a caller left it out (x = half / norms, see
-    routing.Rows), made from the float16 rows and their norms, as the router would have made it."""
+def unit_rows(x: np.ndarray | None, norms: np.ndarray | None, half: np.ndarray | None,
+              out: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x, norms) as an index takes them: as given, or where a caller left both out (routing.Rows:
+    float16 rows for the cosine metric), the unit rows x = half / norms made from the float16 rows
+    and their norms, as the router would have made them, into the first rows of ``out`` (float32)
+    where given. The norms are float32 sums of the float16 values, row by row: the same bits
+    whether a block holds one task's rows or a batch of many."""
     if x is not None:
-        return x
-    t = torch.from_numpy(np.ascontiguousarray(half)).float()
-    if norms is not None:
-        t.div_(torch.from_numpy(np.ascontiguousarray(norms, dtype=np.float32)).unsqueeze(1))
-    return t.numpy()
+        return x, norms
+    h = torch.from_numpy(np.ascontiguousarray(half))
+    t = h.float() if out is None else out[:h.shape[0]].copy_(h)
+    if norms is None:
+        scale = torch.linalg.vector_norm(t, dim=1).clamp_min_(1e-12)
+        norms = scale.numpy()
+    else:
+        scale = torch.from_numpy(np.ascontiguousarray(norms, dtype=np.float32))
+    return t.div_(scale.unsqueeze(1)).numpy(), norms
 
 
 def kmeans(x: torch.Tensor, k: int, niter: int, spherical: bool, seed: int = 1234) -> torch.Tensor:
@@ -341,7 +349,7 @@ class Exact:
         ids = np.asarray(ids, dtype=np.int64)
         if not ids.size:
             return
-        x = unit_rows(x, norms, half)
+        x, norms = unit_rows(x, norms, half)
         listed = ids.tolist()
         fresh = [i for i in listed if i not in self.slot]
         self._grow(self.used + max(0, len(fresh) - len(self.free)))
@@ -590,7 +598,7 @@ class IVF:
         made here, on the indexing thread, see routing.Rows)."""
         if not ids.size:
             return
-        x = unit_rows(x, norms, half)
+        x, norms = unit_rows(x, norms, half)
         top = int(ids.max()) + 1
         self.top = max(self.top, top)
         if top > self.full.shape[0]:

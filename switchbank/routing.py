@@ -66,10 +66,12 @@ class Rows(NamedTuple):
     """A task's examples as the index holds them, and (cosine metric) each one's norm before it was
     scaled to unit length, from which the IVF index keeps them exactly as a float16 file gave them.
 
-    Rows that came as float16 for the cosine metric leave ``x`` out (None): the index makes it
-    from them (knn.unit_rows), the IVF index on its own thread, a batch at a time. Reading a bank
-    of 10,000 distinct switches, making x on the reading thread, switch by switch, and joining it
-    into batches for the IVF was about a quarter of that thread's time under a profiler."""
+    Rows that came as float16 for the cosine metric leave ``x`` and ``norms`` out (None): the index
+    makes both from them (knn.unit_rows), the IVF index on its own thread, a batch at a time.
+    Reading a bank of 10,000 distinct switches, making x on the reading thread, switch by switch,
+    and joining it into batches for the IVF was about a quarter of that thread's time under a
+    profiler; the norms alone, a parallel region per switch beside the indexing thread's, took
+    3-4 s of it."""
 
     x: np.ndarray | None
     norms: np.ndarray | None
@@ -81,7 +83,11 @@ class Rows(NamedTuple):
 
     def unit(self) -> np.ndarray:
         """x, made where it was left out."""
-        return unit_rows(*self)
+        return unit_rows(*self)[0]
+
+    def made(self) -> Rows:
+        """These rows with x and norms made where they were left out."""
+        return self._replace(**dict(zip(("x", "norms"), unit_rows(*self))))
 
 
 class Keyed(NamedTuple):
@@ -196,6 +202,10 @@ class _Batched:
     batches of 5,000). faiss releases the GIL while it assigns and encodes, so the next switches'
     embeddings are read and keyed meanwhile; one batch waits at most, so memory stays bounded.
     ``close`` waits for the last batch and raises what the indexing raised, if anything.
+
+    Rows left for the index to make (Rows) are made in one float32 buffer that every batch reuses:
+    a new one per batch (42 MB and more) was mapped afresh each time, and the kernel's zeroing of
+    its pages took an eighth of the CPU time of reading a bank of 10,000 distinct switches (perf).
     """
 
     def __init__(self, index: IVF, size: int = 8192):
@@ -204,6 +214,7 @@ class _Batched:
         self.held = 0
         self._queue: queue.Queue = queue.Queue(maxsize=1)
         self._error: BaseException | None = None
+        self._unit: torch.Tensor | None = None  # the worker's buffer for rows it makes (see above)
         # a background rebuild's builder keeps its faiss work to one thread: so does its indexer (the
         # count is each thread's own; the lower priority is inherited)
         self._alone = alone()
@@ -216,9 +227,19 @@ class _Batched:
         while (batch := self._queue.get()) is not None:
             if self._error is None:  # after a failure, only drain: the builder learns at close
                 try:
-                    self.index.add(*batch)
+                    self.index.add(*self._made(*batch))
                 except BaseException as exc:  # close re-raises it on the builder's thread
                     self._error = exc
+        self._unit = None
+
+    def _made(self, ids: np.ndarray, x: np.ndarray | None, norms: np.ndarray | None, half: np.ndarray | None):
+        """The batch with x made in the worker's buffer where it was left out."""
+        if x is None and half is not None:
+            n, dim = half.shape
+            if self._unit is None or self._unit.shape[0] < n or self._unit.shape[1] != dim:
+                self._unit = torch.empty((max(n, self.size + self.size // 8), dim))
+            x, norms = unit_rows(None, norms, half, out=self._unit)
+        return ids, x, norms, half
 
     def add(self, ids: np.ndarray, *rows) -> None:
         """Add rows under ``ids``: (x, norms, half) as IVF.add takes them."""
@@ -232,7 +253,7 @@ class _Batched:
             parts = self.parts
             if any(p[1] is None for p in parts) and not all(p[1] is None for p in parts):
                 # rows left for the index to make (Rows), beside rows that came whole: made here
-                parts = [(p[0], unit_rows(*p[1:]), *p[2:]) if p[1] is None else p for p in parts]
+                parts = [(p[0], *Rows(*p[1:]).made()) if p[1] is None else p for p in parts]
             # a part that some block lacks (rows that did not come as float16, say) is left out
             self._queue.put(tuple(None if any(p is None for p in part) else np.concatenate(part)
                                   for part in zip(*parts)))
@@ -315,10 +336,7 @@ class Router:
                 t = t.contiguous()
                 half = t.numpy()
                 if self.metric == "cosine" and t.dim() == 2 and t.shape[0]:
-                    # x left out (see Rows): the norms only, in float32 from the float16 values, the
-                    # same sums as over the float32 rows, with no float32 copy made
-                    norms = torch.linalg.vector_norm(t, dim=1, dtype=torch.float32).clamp_min_(1e-12)
-                    return Rows(None, norms.numpy(), half)
+                    return Rows(None, None, half)  # made by the index (see Rows)
             # torch converts float16 35x faster than numpy does (6 against 209 us for 100 1280-d rows)
             own = t.dtype != torch.float32  # a converted copy, which the router may keep as it is
             t = t.float().contiguous()
@@ -341,8 +359,13 @@ class Router:
         if len(shape) != 2 or shape[1] != self.dim or shape[0] == 0:
             raise Incompatible(f"task {task!r}: query embeddings of shape {shape} do not fit a {self.dim}-d router")
         # a row with NaN or infinity has a norm that is not finite, so for the cosine metric the norms
-        # tell; the rows themselves are checked only where they cannot (no norms, or one overflowed)
-        if not (rows.norms is not None and np.isfinite(rows.norms).all()) and not np.isfinite(rows.unit()).all():
+        # tell; float16 rows tell by their exponent bits; the rows themselves are checked only where
+        # neither can (no norms, or one overflowed)
+        if rows.half is not None:
+            finite = int((rows.half.view(np.uint16) & 0x7C00).max()) < 0x7C00
+        else:
+            finite = (rows.norms is not None and np.isfinite(rows.norms).all()) or np.isfinite(rows.x).all()
+        if not finite:
             raise InvalidInput(f"task {task!r}: query embeddings contain NaN or infinity")
         return rows
 

@@ -66,9 +66,13 @@ def test_non_finite_query_embeddings_are_refused_and_huge_finite_ones_kept(metri
     r = Router(dim=3, k=1, metric=metric)
     x = np.ones((4, 3), dtype=np.float32)
     x[2, 1] = bad
-    with pytest.raises(InvalidInput, match="NaN or infinity"):
-        r.add("bad", x)
+    # float16 rows are told by their exponent bits (their largest finite value is kept)
+    for form in (x, x.astype(np.float16), torch.from_numpy(x).half()):
+        with pytest.raises(InvalidInput, match="NaN or infinity"):
+            r.add("bad", form)
     assert r.tasks == []
+    r.add("largest float16", np.full((2, 3), 65504, dtype=np.float16))
+    r.remove("largest float16")
     # finite, though its float32 norm overflows (cosine scales the row to zeros): not refused
     r.add("huge", np.full((2, 3), 3e38, dtype=np.float32))
     assert r.tasks == ["huge"]
@@ -740,7 +744,7 @@ def test_float16_rows_left_for_the_index_to_scale_route_as_rows_scaled_at_once(e
     got = routes()
     assert sum(left) >= 16 + 1 and not all(left)  # the float16 tasks' (and the late one's), not the others'
     # every row scaled as it is read
-    monkeypatch.setattr(Router, "_rows", lambda self, e: (lambda r: r._replace(x=r.unit()))(read(self, e)))
+    monkeypatch.setattr(Router, "_rows", lambda self, e: read(self, e).made())
     assert got == routes()
     assert any(row.get("late") for row in got)
     if exact_max > 1000:
@@ -748,3 +752,39 @@ def test_float16_rows_left_for_the_index_to_scale_route_as_rows_scaled_at_once(e
         ref.load(source_of({t: v.astype(np.float32) for t, v in values.items()}), {t: 5 for t in values})
         ref.add("late", values["t00"].astype(np.float32))
         assert got == ref.counts(queries)
+
+
+def test_the_indexing_thread_makes_rows_in_one_buffer_with_the_norms_of_each_task_alone():
+    """Float16 rows for the cosine metric reach the IVF index's thread with neither unit rows nor
+    norms (routing.Rows); it makes both a batch at a time, in one buffer that every batch reuses,
+    and they equal what each task's rows give alone, to the bit."""
+    from switchbank.knn import unit_rows
+    from switchbank.routing import _Batched
+
+    g = np.random.default_rng(21)
+    blocks = [(3 * g.normal(size=(int(g.integers(5, 20)), 16))).astype(np.float16) for _ in range(100)]
+    seen = []
+
+    class Index:
+        def add(self, ids, x, norms, half):
+            buffer = batched._unit
+            seen.append((ids.copy(), x.copy(), norms.copy(), half.copy(), id(buffer), np.shares_memory(x, buffer.numpy())))
+
+    r = Router(dim=16, metric="cosine")
+    batched = _Batched(Index(), size=200)
+    at = 0
+    for block in blocks:
+        rows = r._checked("t", block)
+        assert rows.x is None and rows.norms is None  # left to the index
+        batched.add(np.arange(at, at + len(block)), *rows)
+        at += len(block)
+    batched.close()
+    assert len(seen) >= 5 and len({s[4] for s in seen}) == 1 and all(s[5] for s in seen)  # one buffer for all
+    ids = np.concatenate([s[0] for s in seen])
+    assert np.array_equal(ids, np.arange(at))
+    x, norms = np.concatenate([s[1] for s in seen]), np.concatenate([s[2] for s in seen])
+    alone = [unit_rows(None, None, b) for b in blocks]
+    assert np.array_equal(x, np.concatenate([a[0] for a in alone]))
+    assert np.array_equal(norms, np.concatenate([a[1] for a in alone]))
+    want = torch.nn.functional.normalize(torch.from_numpy(np.concatenate(blocks)).float(), dim=1)
+    np.testing.assert_allclose(x, want.numpy(), rtol=1e-6, atol=1e-7)
