@@ -71,7 +71,7 @@ class Rows(NamedTuple):
     Reading a bank of 10,000 distinct switches, making x on the reading thread, switch by switch,
     and joining it into batches for the IVF was about a quarter of that thread's time under a
     profiler; the norms alone, a parallel region per switch beside the indexing thread's, took
-    3-4 s of it."""
+    2.5-3.1 s of it."""
 
     x: np.ndarray | None
     norms: np.ndarray | None
