@@ -143,13 +143,16 @@ def from_bytes(data: bytes, check: Callable[[Layout], None] | None = None) -> Sw
     return sw
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """Whether every value of ``a`` is finite; float16 by its exponent bits (numpy's isfinite is
+    slow on float16)."""
+    if a.dtype == np.float16:
+        return not a.size or int((a.view(np.uint16) & 0x7C00).max()) < 0x7C00
+    return bool(np.isfinite(a).all())
+
+
 def _finite(key: str, t: torch.Tensor) -> torch.Tensor:
-    a = t.numpy()
-    if a.dtype == np.float16 and a.size:  # by the exponent bits: numpy's isfinite is slow on float16
-        finite = (a.view(np.uint16) & 0x7C00).max() < 0x7C00
-    else:
-        finite = np.isfinite(a).all()
-    if not finite:
+    if not all_finite(t.numpy()):
         raise CorruptSwitch(f"tensor {key!r} contains NaN or infinite values")
     return t
 

@@ -33,6 +33,7 @@ import torch
 
 from .allocator import release_freed_memory
 from .errors import Incompatible, InvalidInput
+from .format import all_finite
 from .knn import IVF, Exact, alone, bf16_fast, ivf_lists, ivf_nprobe, one_thread, unit_rows
 from .priority import lower_this_thread
 
@@ -362,9 +363,9 @@ class Router:
         # tell; float16 rows tell by their exponent bits; the rows themselves are checked only where
         # neither can (no norms, or one overflowed)
         if rows.half is not None:
-            finite = int((rows.half.view(np.uint16) & 0x7C00).max()) < 0x7C00
+            finite = all_finite(rows.half)
         else:
-            finite = (rows.norms is not None and np.isfinite(rows.norms).all()) or np.isfinite(rows.x).all()
+            finite = (rows.norms is not None and all_finite(rows.norms)) or all_finite(rows.x)
         if not finite:
             raise InvalidInput(f"task {task!r}: query embeddings contain NaN or infinity")
         return rows
