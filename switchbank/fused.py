@@ -57,13 +57,13 @@ class Unsupported(ValueError):
     """The tensors are not what the kernel reads (contiguous fp32 on the CPU): use torch ops."""
 
 
-def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+def plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
 
 
 def supports(base) -> bool:
     """Whether the kernel can merge over ``base`` (tensors): CPU, fp32, contiguous."""
-    return AVAILABLE and all(_plain(t, torch.float32) for t in base)
+    return AVAILABLE and all(plain(t, torch.float32) for t in base)
 
 
 @dataclass
@@ -105,7 +105,7 @@ def merge(base: list[torch.Tensor], terms: list[Term], out: list[torch.Tensor] |
     # the kernel reads raw addresses: anything but plain contiguous buffers would be misread
     if not supports(base):
         raise Unsupported("the fused kernel needs contiguous fp32 CPU tensors")
-    if not all(_plain(term.mask, torch.uint8) and _plain(term.pos, torch.uint8) for term in terms):
+    if not all(plain(term.mask, torch.uint8) and plain(term.pos, torch.uint8) for term in terms):
         raise Unsupported("the fused kernel needs contiguous uint8 CPU bit buffers")
     n_tensors, n_terms = len(base), len(terms)
     numel = np.fromiter((t.numel() for t in base), dtype=np.int64, count=n_tensors)
@@ -125,15 +125,24 @@ def merge(base: list[torch.Tensor], terms: list[Term], out: list[torch.Tensor] |
         raise Unsupported("out must be contiguous fp32 CPU tensors of the base tensors' sizes")
     base_addr = np.fromiter((t.data_ptr() for t in base), dtype=np.int64, count=n_tensors)
     out_addr = np.fromiter((t.data_ptr() for t in out), dtype=np.int64, count=n_tensors)
+    merge_at(base_addr, out_addr, numel, mask_addr, pos_addr, coef)
+    return out
+
+
+def merge_at(base_addr: np.ndarray, out_addr: np.ndarray, numel: np.ndarray, mask_addr: np.ndarray,
+             pos_addr: np.ndarray, coef: np.ndarray) -> None:
+    """The kernel over addresses: for each tensor i (numel[i] fp32 elements at base_addr[i], written
+    to out_addr[i]) and term t, coef[t, i] times the ternary whose bits lie at mask_addr[t, i] and
+    pos_addr[t, i] (a zero coef adds nothing). Nothing is checked here: the caller has checked every
+    buffer as :func:`merge` does, and holds them while this runs."""
     items = _items(numel)
     if not len(items):  # nothing but empty tensors
-        return out
+        return
     kernel = _kernel()
     threads = max(1, min(torch.get_num_threads(), kernel.numba.config.NUMBA_NUM_THREADS))
     with _LOCK:
         kernel.numba.set_num_threads(threads)
         kernel.merge(base_addr, out_addr, mask_addr, pos_addr, coef, items, _bounds(items, threads))
-    return out
 
 
 def warm_up() -> None:
