@@ -31,3 +31,32 @@ def test_every_group_gets_its_merge(base, switches, segment_bytes, budget, fused
         jit.end()
     segments = len(jit.segments)
     assert jit.merges <= 2 * len(groups) * segments
+
+
+def test_a_switch_no_longer_served_is_not_kept_alive_and_a_new_one_is_merged_afresh(base):  # noqa: F811
+    """What a switch adds to each segment is kept between merges, but not the switch itself: once
+    the bank lets it go (evicted from memory, replaced), its bits are freed, and a switch made later
+    (even at the same address) is merged from its own bits."""
+    import gc
+    import weakref
+
+    from switchbank.build import build_switch
+    from tests.unit.test_fused import tensors
+
+    jit = JitMerge(base, ORDER, segment_bytes=64)
+    gone = []
+    for i in range(3):
+        sw = build_switch(base, {k: v + 1e-2 * t for (k, v), t in zip(base.items(), tensors(10 + i).values())},
+                          f"t{i}", 0.6)
+        groups = [[(sw, 0.8)]]
+        expected = merged_params(base, groups[0], kernel=False)
+        jit.begin(groups)
+        for names in ORDER:
+            for n, t in zip(names, jit.get(0, names)):
+                if n is not None:
+                    assert torch.equal(t.view(torch.int32), expected[n].view(torch.int32)), (i, n)
+        jit.end()
+        gone.append(weakref.ref(sw))
+        del sw, groups
+        gc.collect()
+    assert all(ref() is None for ref in gone)
