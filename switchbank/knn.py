@@ -298,12 +298,14 @@ class Exact:
             self.low = grown(self.low, plain_pages((cap, self.dim), torch.bfloat16))
             self.err = grown(self.err, torch.zeros((cap, 2)))
 
-    def _rows(self, at: slice | torch.Tensor) -> torch.Tensor:
-        """The float32 rows at ``at`` (a slice, or slot numbers) as they were added."""
+    def _rows(self, at: slice | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 rows at ``at`` (a slice, or slot numbers) as they were added (into ``out``
+        where given)."""
         pick = (lambda t: t[at]) if isinstance(at, slice) else (lambda t: t.index_select(0, at))
         if self.full is not None:
-            return pick(self.full)
-        rows = pick(self.half).float().div_(pick(self.scale).unsqueeze(1))
+            return pick(self.full) if out is None else out.copy_(pick(self.full))
+        half = pick(self.half)
+        rows = (half.float() if out is None else out.copy_(half)).div_(pick(self.scale).unsqueeze(1))
         if self.wide:  # whichever is shorter: the rows aside, or the slots asked for
             if isinstance(at, slice) and len(self.wide) < at.stop - at.start:
                 for slot, row in self.wide.items():
@@ -422,9 +424,14 @@ class Exact:
                 self.free.append(s)
 
     def vectors(self, limit: int | None = None) -> np.ndarray:
-        """The vectors held (a copy), in slot order; the first ``limit`` of them if given."""
+        """The vectors held (a copy), in slot order; the first ``limit`` of them if given. On
+        ordinary pages (allocator.plain_pages), and read as one slice where the slots have no
+        gaps (an index being built): the IVF's training sample, 20,000 1280-d rows, took 0.09-0.22 s
+        on fresh huge pages here, against 0.03-0.04 s."""
         held = np.flatnonzero(self.ids[:self.used] >= 0)[:limit]
-        return self._rows(torch.from_numpy(held)).numpy()
+        n = held.size
+        at = slice(0, n) if n and held[-1] == n - 1 else torch.from_numpy(held)
+        return self._rows(at, plain_pages((n, self.dim), torch.float32)).numpy()
 
     @property
     def ntotal(self) -> int:
@@ -556,7 +563,12 @@ class IVF:
             self.quantizer.add(self.centres.numpy())
             best, lists = nearest_centres(rows, self.centres, not ip)
             if self.index.by_residual:
-                rows = rows - self.centres[lists]
+                # a block at a time, onto ordinary pages: one product and one difference of
+                # 20,000 1280-d rows, each on fresh huge pages, took 0.08-0.27 s here, this 0.02 s
+                res = plain_pages(tuple(rows.shape), torch.float32)
+                for s in range(0, rows.shape[0], 2048):
+                    torch.sub(rows[s:s + 2048], self.centres.index_select(0, lists[s:s + 2048]), out=res[s:s + 2048])
+                rows = res
             self.index.sq.train(rows.numpy())
             self.index.is_trained = True
             fit_far = self._as_far(best[:fit_rows.shape[0]].numpy())  # that assignment, not made again
