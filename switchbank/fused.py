@@ -58,6 +58,7 @@ class Unsupported(ValueError):
 
 
 def plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``t`` is a contiguous CPU tensor of ``dtype``: a buffer the kernel may read by address."""
     return t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
 
 
