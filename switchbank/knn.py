@@ -76,20 +76,16 @@ def alone() -> bool:
 def unit_rows(x: np.ndarray | None, norms: np.ndarray | None, half: np.ndarray | None,
               out: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(x, norms) as an index takes them: as given, or where a caller left both out (routing.Rows:
-    float16 rows for the cosine metric), the unit rows x = half / norms made from the float16 rows
-    and their norms, as the router would have made them, into the first rows of ``out`` (float32)
-    where given. The norms are float32 sums of the float16 values, row by row: the same bits
-    whether a block holds one task's rows or a batch of many."""
+    float16 rows for the cosine metric; no caller gives norms without x), the float16 rows' norms
+    and the unit rows x = half / norms, as the router would have made them, into the first rows of
+    ``out`` (float32) where given. The norms are float32 sums of the float16 values, row by row: the
+    same bits whether a block holds one task's rows or a batch of many."""
     if x is not None:
         return x, norms
     h = torch.from_numpy(np.ascontiguousarray(half))
     t = h.float() if out is None else out[:h.shape[0]].copy_(h)
-    if norms is None:
-        scale = torch.linalg.vector_norm(t, dim=1).clamp_min_(1e-12)
-        norms = scale.numpy()
-    else:
-        scale = torch.from_numpy(np.ascontiguousarray(norms, dtype=np.float32))
-    return t.div_(scale.unsqueeze(1)).numpy(), norms
+    scale = torch.linalg.vector_norm(t, dim=1).clamp_min_(1e-12)
+    return t.div_(scale.unsqueeze(1)).numpy(), scale.numpy()
 
 
 def kmeans(x: torch.Tensor, k: int, niter: int, spherical: bool, seed: int = 1234) -> torch.Tensor:
