@@ -60,6 +60,8 @@ class _EngineCollector:
             ("router_vectors", rt["distinct_vectors"], "distinct query vectors in the Auto-Switch index"),
             ("router_bytes", rt["bytes"], "memory of the Auto-Switch index"),
             ("router_approximate", int(rt["kind"] == "approximate"), "1 if the Auto-Switch index is approximate"),
+            ("router_rebuilding", int(rt["rebuilding"]), "1 while a new Auto-Switch index is built in the background "
+             "(after start-up, or when the index has drifted); the current one answers meanwhile"),
             ("router_drift", rt.get("drift", 0.0), "how far vectors added since the IVF index was built lie from "
              "its list centres, against the vectors it was built with (a rebuild starts past 1.5; 0 when exact)"),
             ("mixed_forward", int(e.mixed_forward), "1 if the tower runs mixed batches in one forward, else 0"),

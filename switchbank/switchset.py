@@ -151,7 +151,7 @@ class SwitchSet:
             except Exception:
                 log.exception("switch %s in the bank cannot be served; skipping it", name)
         if first:
-            self.router.load(self._query_source, self._query_counts())
+            self.router.load(self._query_source, self._query_counts(), background=True)
             for sw in self.switches.values():
                 self._drop_queries(sw)
         else:

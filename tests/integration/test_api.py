@@ -182,6 +182,7 @@ def test_metrics(client):
         assert name in text
     assert "switchbank_mixed_forward 1.0" in text
     assert "switchbank_router_rebuilds_total 0.0" in text and "switchbank_router_drift 0.0" in text
+    assert "switchbank_router_rebuilding 0.0" in text
     assert TOKEN not in text
 
 

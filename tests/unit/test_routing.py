@@ -1,4 +1,5 @@
 import os
+import threading
 from fractions import Fraction
 
 import numpy as np
@@ -498,6 +499,45 @@ def test_exact_limit_follows_the_scan_this_cpu_makes_fast(monkeypatch):
         r = Router(dim=4)
         r.load(source, counts)
         assert r.kind == kind and len(r) == x.shape[0] and not r.needs_rebuild()
+
+
+def test_a_first_load_in_the_background_routes_exactly_at_once_and_swaps_in_the_ivf_index(monkeypatch):
+    """Loaded in the background (as a server starts), a bank past the fast scan's limit but within
+    the exact index's capacity is served by an exact index as soon as it is read, and its IVF index,
+    built on another thread at the caller's priority, is swapped in. A bank projected past the
+    capacity, or a limit set explicitly, gets its IVF index before load returns."""
+    import switchbank.routing as routing
+    monkeypatch.setattr(routing, "bf16_fast", lambda: False)
+    monkeypatch.setattr(routing, "EXACT_MAX", 4000)
+    monkeypatch.setattr(routing, "EXACT_MAX_FLOAT32", 1000)
+    monkeypatch.setattr(routing, "TRAIN", 600)
+    data, centres = clusters(30, 100, 8, seed=5)  # 3,000 vectors: past the limit, within capacity
+    queries = np.concatenate([centres + 0.2, centres - 0.1]).astype(np.float32)
+    want = naive_counts(data, queries, 5)
+    seen, release = [], threading.Event()
+
+    def source(names):
+        seen.append((threading.current_thread(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        if len(seen) > 1:  # the rebuild's pass waits until the exact index has been checked
+            assert release.wait(30)
+        yield from source_of(data)(names)
+
+    r = Router(dim=8, k=5, nprobe=64)  # every list: the IVF index's routes equal exact search's
+    r.load(source, {t: 100 for t in data}, background=True)
+    assert r.kind == "exact" and len(r) == 3000 and r.stats()["rebuilding"]
+    assert r.counts(queries) == want
+    release.set()
+    assert r.join(30)
+    assert r.kind == "approximate" and r.rebuilds == 1 and len(r) == 3000 and not r.needs_rebuild()
+    assert r.counts(queries) == want
+    (first, nice), *rebuilds = seen  # the rebuild reads the bank twice: for its sample, for its lists
+    assert first is threading.current_thread() and len(rebuilds) == 2
+    assert all(t is not first and t_nice == nice for t, t_nice in rebuilds)
+    # past the capacity (6,000 projected at the training sample), or with the limit set: IVF at once
+    big, _ = clusters(60, 100, 8, seed=6)
+    for r, bank in ((Router(dim=8, k=5), big), (Router(dim=8, k=5, exact_max=1000), data)):
+        r.load(source_of(bank), {t: 100 for t in bank}, background=True)
+        assert r.kind == "approximate" and not r.stats()["rebuilding"] and len(r) == 100 * len(bank)
 
 
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
