@@ -78,7 +78,8 @@ def _load(settings: Settings) -> tuple[Bank, Engine]:
                     hot_after=settings.hot_after, hot_mix_after=settings.hot_mix_after,
                     mixed_forward=settings.mixed_forward,
                     scratch_bytes=settings.scratch_bytes, resident_bytes=settings.resident_bytes,
-                    router_exact_max=settings.router_exact_max, router_nprobe=settings.router_nprobe)
+                    router_exact_max=settings.router_exact_max, router_nprobe=settings.router_nprobe,
+                    router_ready_exact=settings.router_ready_exact)
     engine.sync(bank)
     if settings.pinned:
         try:

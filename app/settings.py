@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     router_exact_max: int | None = Field(None, ge=0, description=(
         "distinct query vectors up to which Auto-Switch searches exactly; above, an approximate (IVF) index. "
         "Unset: 200,000 where the CPU's bfloat16 products are fast (AVX512-BF16, AMX), 60,000 elsewhere"))
+    router_ready_exact: bool = Field(True, description=(
+        "at start-up, route a bank past the exact limit (up to 200,000 distinct query vectors) by exact search "
+        "as soon as it is read, and build its IVF index in the background: ready sooner, slower Auto-Switch "
+        "routing for the seconds that build takes. Off: ready once the IVF index is built"))
     router_nprobe: int | None = Field(None, ge=1, le=4096, description=(
         "lists the approximate index searches per query. Unset: 16, or more on an index whose lists are "
         "small, so that a query scans at least about 9,000 vectors"))

@@ -100,8 +100,13 @@ class Engine(SwitchSet):
     def __init__(self, backbone: Backbone, *, k: int = 10, cache_bytes: int = 1 << 30, router_metric: str = "l2",
                  hot_after: int = 2, hot_mix_after: int = 8, mixed_forward: bool = True,
                  scratch_bytes: int = DEFAULT_BUDGET, resident_bytes: int = 1 << 30,
-                 router_exact_max: int | None = None, router_nprobe: int | None = None, warm: bool = True):
+                 router_exact_max: int | None = None, router_nprobe: int | None = None,
+                 router_ready_exact: bool = True, warm: bool = True):
+        """``router_ready_exact``: the first sync routes a bank past the router's exact limit by
+        exact search as soon as it is read, and builds its IVF index in the background
+        (routing.Router.load); off, the sync returns once the IVF index is built."""
         super().__init__()
+        self.router_ready_exact = router_ready_exact
         self.backbone = backbone
         self.router = Router(backbone.embed_dim, k, router_metric, exact_max=router_exact_max, nprobe=router_nprobe)
         self.resident = Residency(resident_bytes, backbone.device)

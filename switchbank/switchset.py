@@ -18,7 +18,7 @@ log = logging.getLogger("switchbank.engine")
 
 
 class SwitchSet:
-    """Needs, from the engine: backbone, router, resident, cache and hot."""
+    """Needs, from the engine: backbone, router, router_ready_exact, resident, cache and hot."""
 
     def __init__(self):
         self._switches: dict[str, Switch] = {}
@@ -151,7 +151,7 @@ class SwitchSet:
             except Exception:
                 log.exception("switch %s in the bank cannot be served; skipping it", name)
         if first:
-            self.router.load(self._query_source, self._query_counts(), background=True)
+            self.router.load(self._query_source, self._query_counts(), background=self.router_ready_exact)
             for sw in self.switches.values():
                 self._drop_queries(sw)
         else:

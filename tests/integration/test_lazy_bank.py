@@ -34,6 +34,31 @@ def test_start_up_reads_no_bits_and_answers_match(bank, backbone):
     assert lazy.resident.stats().loads >= 4 and lazy.resident.stats().resident == 0  # budget of one byte
 
 
+def test_a_bank_past_the_exact_limit_is_ready_on_exact_search_and_gets_its_ivf_index_from_its_files(
+        bank, backbone, monkeypatch):
+    """By default the first sync leaves the IVF index to a rebuild in the background, which reads
+    the query embeddings again from the switch files (the switches no longer hold them); with
+    router_ready_exact off the sync builds it. Both route alike."""
+    import switchbank.routing as routing
+    monkeypatch.setattr(routing, "bf16_fast", lambda: False)
+    monkeypatch.setattr(routing, "EXACT_MAX_FLOAT32", 20)  # the bank holds 40 distinct vectors
+    monkeypatch.setattr(routing, "EXACT_MAX", 100)
+    x = images(6, 32, seed=5)
+    answers = []
+    for ready_exact in (True, False):
+        eng = Engine(backbone, k=5, cache_bytes=64 << 20, router_nprobe=1 << 20, router_ready_exact=ready_exact)
+        eng.sync(bank)
+        assert ready_exact or eng.router.kind == "approximate"
+        assert all(sw.queries is None for sw in eng.switches.values())
+        assert eng.router.join(60)
+        assert eng.router.kind == "approximate" and len(eng.router) == 8 * len(TASKS)
+        assert eng.router.rebuilds == int(ready_exact)
+        answers.append(eng.run(x, [Route()] * len(x)))
+    for a, b in zip(*answers):
+        assert (a.head, a.weights) == (b.head, b.weights)
+        close(a.logits, b.logits)
+
+
 def test_pin_and_warm(bank, backbone):
     eng = Engine(backbone, k=5, cache_bytes=64 << 20, resident_bytes=1)
     eng.sync(bank)
