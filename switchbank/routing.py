@@ -448,8 +448,8 @@ class Router:
         (EXACT_MAX, or the setting) is served at once by an exact index, and its IVF index is built
         in the background from ``source`` and swapped in when done (:meth:`join` waits for it). A
         server is then ready before the IVF is trained, and routes exactly meanwhile: at 1,000
-        distinct switches on a CPU without fast bfloat16 products, the exact index was ready in
-        4.1-4.2 s from start, against 5.5-5.6 s for the IVF's two passes and training."""
+        distinct switches on a CPU without fast bfloat16 products, a server was ready in 4.3-4.5 s
+        from start, against 5.5-5.8 s for the IVF's two passes and training first."""
         state = self._build(source, counts, first=background)
         with self._lock:
             self._index, self._ex, self._tid, self._names = state
