@@ -57,14 +57,27 @@ class Unsupported(ValueError):
     """The tensors are not what the kernel reads (contiguous fp32 on the CPU): use torch ops."""
 
 
-def plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
+def _plain(t: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether ``t`` is a contiguous CPU tensor of ``dtype``: a buffer the kernel may read by address."""
     return t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
 
 
+def bit_addresses(mask: torch.Tensor, pos: torch.Tensor, offset: np.ndarray,
+                  numel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The addresses of a switch's bits for tensors of ``numel`` elements whose bits start at byte
+    ``offset`` of its ``mask`` and ``pos`` buffers, once both are checked to be buffers the kernel
+    may read (contiguous uint8 on the CPU) holding every one of those tensors' bits."""
+    if not (_plain(mask, torch.uint8) and _plain(pos, torch.uint8)):
+        raise Unsupported("the fused kernel needs contiguous uint8 CPU bit buffers")
+    ends = offset + (numel + 7) // 8
+    if len(ends) and (offset.min() < 0 or ends.max() > min(mask.numel(), pos.numel())):
+        raise ValueError(f"switch bits out of range: need bytes {int(offset.min())}..{int(ends.max())}")
+    return mask.data_ptr() + offset, pos.data_ptr() + offset
+
+
 def supports(base) -> bool:
     """Whether the kernel can merge over ``base`` (tensors): CPU, fp32, contiguous."""
-    return AVAILABLE and all(plain(t, torch.float32) for t in base)
+    return AVAILABLE and all(_plain(t, torch.float32) for t in base)
 
 
 @dataclass
@@ -106,20 +119,15 @@ def merge(base: list[torch.Tensor], terms: list[Term], out: list[torch.Tensor] |
     # the kernel reads raw addresses: anything but plain contiguous buffers would be misread
     if not supports(base):
         raise Unsupported("the fused kernel needs contiguous fp32 CPU tensors")
-    if not all(plain(term.mask, torch.uint8) and plain(term.pos, torch.uint8) for term in terms):
-        raise Unsupported("the fused kernel needs contiguous uint8 CPU bit buffers")
     n_tensors, n_terms = len(base), len(terms)
     numel = np.fromiter((t.numel() for t in base), dtype=np.int64, count=n_tensors)
     coef = np.zeros((n_terms, n_tensors), dtype=np.float32)
     mask_addr = np.zeros((n_terms, n_tensors), dtype=np.int64)
     pos_addr = np.zeros((n_terms, n_tensors), dtype=np.int64)
     for t, term in enumerate(terms):
-        ends = term.offset + (numel[term.index] + 7) // 8
-        if len(ends) and (term.offset.min() < 0 or ends.max() > min(term.mask.numel(), term.pos.numel())):
-            raise ValueError(f"switch bits out of range: need bytes {int(term.offset.min())}..{int(ends.max())}")
         coef[t, term.index] = term.coef
-        mask_addr[t, term.index] = term.mask.data_ptr() + term.offset
-        pos_addr[t, term.index] = term.pos.data_ptr() + term.offset
+        mask_addr[t, term.index], pos_addr[t, term.index] = bit_addresses(term.mask, term.pos, term.offset,
+                                                                          numel[term.index])
     if out is None:
         out = [torch.empty_like(t) for t in base]
     elif len(out) != n_tensors or not supports(out) or any(o.numel() != t.numel() for o, t in zip(out, base)):
@@ -135,7 +143,8 @@ def merge_at(base_addr: np.ndarray, out_addr: np.ndarray, numel: np.ndarray, mas
     """The kernel over addresses: for each tensor i (numel[i] fp32 elements at base_addr[i], written
     to out_addr[i]) and term t, coef[t, i] times the ternary whose bits lie at mask_addr[t, i] and
     pos_addr[t, i] (a zero coef adds nothing). Nothing is checked here: the caller has checked every
-    buffer as :func:`merge` does, and holds them while this runs."""
+    buffer as :func:`merge` does (:func:`supports`, :func:`bit_addresses`), and holds them while
+    this runs."""
     items = _items(numel)
     if not len(items):  # nothing but empty tensors
         return

@@ -164,12 +164,8 @@ class JitMerge:
         at = [i for i, n in enumerate(names) if (e := emap.get(n)) is not None and _contributes(e)]
         entries = [emap[names[i]] for i in at]
         offset = np.asarray([e.offset for e in entries], dtype=np.int64)
-        numel = self._plans[seg].numel[at]
-        if offset.size and (offset.min() < 0 or (offset + (numel + 7) // 8).max() > min(sw.mask.numel(), sw.pos.numel())):
-            raise ValueError(f"switch bits out of range: need bytes {int(offset.min())}..{int((offset + (numel + 7) // 8).max())}")
-        if not (fused.plain(sw.mask, torch.uint8) and fused.plain(sw.pos, torch.uint8)):
-            raise fused.Unsupported("the fused kernel needs contiguous uint8 CPU bit buffers")
-        share = _Share(np.asarray(at, dtype=np.int64), sw.mask.data_ptr() + offset, sw.pos.data_ptr() + offset,
+        mask_addr, pos_addr = fused.bit_addresses(sw.mask, sw.pos, offset, self._plans[seg].numel[at])
+        share = _Share(np.asarray(at, dtype=np.int64), mask_addr, pos_addr,
                        np.asarray([e.scale for e in entries], dtype=np.float64))
         # by a weak reference: a switch evicted from memory must not be kept alive here (its id may
         # then come back on another object, which the reference tells apart)
