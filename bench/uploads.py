@@ -65,6 +65,14 @@ def router(c: httpx.Client) -> dict:
     return c.get("/v1/admin/cache").json()["router"]
 
 
+def settle(c: httpx.Client, limit: float = 600) -> float:
+    """Seconds until the server's router is not rebuilding (at most ``limit``)."""
+    t = time.perf_counter()
+    while router(c)["rebuilding"] and time.perf_counter() - t < limit:
+        time.sleep(0.5)
+    return time.perf_counter() - t
+
+
 def ask(c: httpx.Client, pngs: list[bytes]) -> tuple[list[float], list[tuple]]:
     """Auto-Switch answers for ``pngs``, one request at a time: latencies and (weights, top class)."""
     lat, answers = [], []
@@ -169,18 +177,12 @@ def run(n: int, work: Path, requests: int = 40, rate: float = 5.0) -> dict:
                 if (i + 1) % max(1, n // 10) == 0:
                     print(f"{i + 1} uploads, median {1000 * statistics.median(ups[-100:]):.1f} ms over the last 100",
                           file=sys.stderr, flush=True)
-        t = time.perf_counter()  # a rebuild the last uploads started finishes first
-        while router(c)["rebuilding"] and time.perf_counter() - t < 600:
-            time.sleep(0.5)
-        settle_s = time.perf_counter() - t
+        settle_s = settle(c)  # a rebuild the last uploads started finishes first
         lat, grown_answers = ask(c, pngs)
         grown = {**figures(c, lat, proc), "settle_s": settle_s, "router": router(c)}
 
     with serving(bank) as (c, proc, ready_s):
-        t = time.perf_counter()  # a bank past the exact limit is served exactly while its IVF index builds
-        while router(c)["rebuilding"] and time.perf_counter() - t < 600:
-            time.sleep(0.5)
-        settle_s = time.perf_counter() - t
+        settle_s = settle(c)  # a bank past the exact limit is served exactly while its IVF index builds
         lat, fresh_answers = ask(c, pngs)
         fresh = {**figures(c, lat, proc), "ready_s": ready_s, "settle_s": settle_s, "router": router(c)}
 
