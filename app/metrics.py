@@ -42,10 +42,12 @@ class _EngineCollector:
             c = CounterMetricFamily(f"switchbank_{name}", doc)
             c.add_metric([], value)
             yield c
-        r, rt = engine.resident.stats(), engine.router.stats()
+        r, rt, h = engine.resident.stats(), engine.router.stats(), engine.heads.stats()
         for name, value, doc in (
             ("switch_loads", r.loads, "switch bit planes read from their files"),
             ("switch_evictions", r.evictions, "switch bit planes unloaded to stay within the resident budget"),
+            ("head_loads", h.loads, "classification heads read from their switches' files"),
+            ("head_evictions", h.evictions, "classification heads dropped to stay within their budget"),
             ("router_rebuilds", rt["rebuilds"], "Auto-Switch index rebuilds (grown, shrunk, past the exact limit, drifted)"),
         ):
             c = CounterMetricFamily(f"switchbank_{name}", doc)
@@ -56,6 +58,9 @@ class _EngineCollector:
             ("resident_bytes", r.resident_bytes, "bytes of switch bits in memory"),
             ("resident_budget_bytes", r.budget_bytes, "budget for switch bits"),
             ("pinned_switches", r.pinned, "switches pinned in memory"),
+            ("resident_heads", h.heads, "classification heads read from their files and held in memory"),
+            ("head_bytes", h.head_bytes, "bytes of those heads"),
+            ("head_budget_bytes", h.budget_bytes, "budget for those heads"),
             ("router_examples", rt["examples"], "query examples in the Auto-Switch index"),
             ("router_vectors", rt["distinct_vectors"], "distinct query vectors in the Auto-Switch index"),
             ("router_bytes", rt["bytes"], "memory of the Auto-Switch index"),

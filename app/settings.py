@@ -41,8 +41,11 @@ class Settings(BaseSettings):
     resident_bytes: int = Field(1 << 30, ge=1 << 20, description=(
         "memory for switches' bits (2 bits per parameter each); beyond it the least recently used are "
         "unloaded and read again from their files when needed"))
+    head_bytes: int = Field(128 << 20, ge=1 << 20, description=(
+        "memory for the classification heads of switches read from the bank; a head is read from its switch's "
+        "file when a request needs it, and beyond this the least recently used are dropped"))
     pin: str = Field("", description=(
-        "comma-separated switch names whose bits stay resident and whose merged weights are built at start-up"))
+        "comma-separated switch names whose bits and heads stay resident and whose merged weights are built at start-up"))
     router_exact_max: int | None = Field(None, ge=0, description=(
         "distinct query vectors up to which Auto-Switch searches exactly; above, an approximate (IVF) index. "
         "Unset: 200,000 where the CPU's bfloat16 products are fast (AVX512-BF16, AMX), 60,000 elsewhere"))

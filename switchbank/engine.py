@@ -29,6 +29,7 @@ from .combine import merged_params, owned_bytes
 from .errors import InvalidInput, NotFound, SwitchChanged
 from .hot import HotSet
 from .jit import DEFAULT_BUDGET, JitMerge
+from .heads import Heads
 from .resident import Residency
 from .routing import Router
 from .switchset import SwitchSet
@@ -101,7 +102,7 @@ class Engine(SwitchSet):
                  hot_after: int = 2, hot_mix_after: int = 8, mixed_forward: bool = True,
                  scratch_bytes: int = DEFAULT_BUDGET, resident_bytes: int = 1 << 30,
                  router_exact_max: int | None = None, router_nprobe: int | None = None,
-                 router_ready_exact: bool = True, warm: bool = True):
+                 router_ready_exact: bool = True, head_bytes: int = 128 << 20, warm: bool = True):
         """``router_ready_exact``: the first sync routes a bank past the router's exact limit by
         exact search as soon as it is read, and builds its IVF index in the background
         (routing.Router.load); off, the sync returns once the IVF index is built."""
@@ -110,6 +111,7 @@ class Engine(SwitchSet):
         self.backbone = backbone
         self.router = Router(backbone.embed_dim, k, router_metric, exact_max=router_exact_max, nprobe=router_nprobe)
         self.resident = Residency(resident_bytes, backbone.device)
+        self.heads = Heads(head_bytes, backbone.device)
         self.cache = DeltaCache(cache_bytes)
         self.hot = HotSet(hot_after, hot_mix_after)
         self._stats = EngineStats()
@@ -158,13 +160,14 @@ class Engine(SwitchSet):
             self._stats.warm = self._warm = True
 
     def pin(self, names: list[str], warm: bool = True) -> None:
-        """Keep these switches' bits resident for good and, with ``warm``, build and cache the
+        """Keep these switches' bits and heads resident for good and, with ``warm``, build and cache the
         merged weights of each (its T-Switch combination) now rather than on a first request."""
         switches = self.switches
         unknown = sorted(set(names) - set(switches))
         if unknown:
             raise NotFound(f"cannot pin unknown switch {unknown[0]!r}")
         self.resident.pin([switches[n] for n in names])
+        self.heads.pin([switches[n] for n in names])
         if warm:
             hashes = Hashes(switches)
             for n in names:
@@ -288,7 +291,7 @@ class Engine(SwitchSet):
         results: list[Result | None] = [None] * len(routes)
         for combo, idx in groups.items():
             top = combo.top()
-            head = switches[top].head
+            head = self.heads.get(switches[top])
             logits = head_logits(head, feats[idx] if len(idx) < len(routes) else feats).cpu()
             if not torch.isfinite(logits).all():
                 raise InvalidInput(f"the weights {combo.weights()} give non-finite scores; use smaller weights")

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import struct
+import zlib
 from collections.abc import Callable
 from itertools import repeat
 from pathlib import Path
@@ -90,6 +91,8 @@ def _tensors_and_meta(sw: Switch) -> tuple[dict[str, torch.Tensor], dict[str, An
         "head_normalize": None,
     }
     if sw.head is not None:
+        if sw.head.listed:
+            raise ValueError(f"switch {sw.name!r} holds a listing of its head; read it (read_head) to write the switch")
         tensors["head.weight"] = sw.head.weight.detach().cpu().to(torch.float32).contiguous()
         if sw.head.bias is not None:
             tensors["head.bias"] = sw.head.bias.detach().cpu().to(torch.float32).contiguous()
@@ -236,8 +239,10 @@ def read_switch(path: str | Path) -> Switch:
 
 
 def read_light(path: str | Path) -> Switch:
-    """A switch without its bits (``mask`` and ``pos`` are None): the header, scales, head and 0-dim
-    deltas are read; the bit buffers and the query embeddings (see :func:`read_queries`) are not.
+    """A switch without its bits (``mask`` and ``pos`` are None): the header, scales and 0-dim deltas
+    are read and kept; the head is read and checked, and kept as a listing (types.Head.listed) that
+    :func:`read_head` completes; the bit buffers and the query embeddings (see :func:`read_queries`)
+    are not read.
     :func:`load_bits` reads and checks the rest, against the content hash, when it is first needed."""
     path = Path(path)
     try:
@@ -270,6 +275,15 @@ def read_light(path: str | Path) -> Switch:
         raise CorruptSwitch(f"{path}: {exc}") from None
     sw = _light(meta, tensors, index)
     sw.source = path
+    if sw.head is not None:  # checked; its bytes stay in the file until a request needs them
+        at = [table[k][2] for k in ("head.weight", "head.bias") if k in table]
+        crc = 0
+        for k in ("head.weight", "head.bias"):
+            if k in tensors:
+                crc = zlib.crc32(tensors[k].numpy().view(np.uint8), crc)
+        sw.head_at = ((8 + n + at[0][0], at[0][1] - at[0][0]),
+                      (8 + n + at[1][0], at[1][1] - at[1][0]) if len(at) > 1 else None, crc)
+        sw.head = sw.head.listing()
     sw.payload_bytes = sum(end - start for key, (_, _, (start, end)) in table.items() if key in ("mask", "sign", "scale"))
     if "queries" in table:
         dtype, shape, (start, end) = table["queries"]
@@ -324,9 +338,9 @@ def read_queries(sw: Switch, recent: Recent | None = None) -> torch.Tensor:
     return q
 
 
-def load_bits(sw: Switch) -> None:
-    """Read and decode the bits of a switch from :func:`read_light`, checking the whole file against
-    the content hash it was listed with."""
+def _as_listed(sw: Switch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a switch from :func:`read_light`, read again from its whole file
+    and checked against the content hash it was listed with."""
     try:
         data = Path(sw.source).read_bytes()
     except FileNotFoundError:
@@ -345,7 +359,48 @@ def load_bits(sw: Switch) -> None:
         raise CorruptSwitch(f"{sw.source}: tensor data is unreadable") from None
     if content_hash(meta, tensors) != sw.content_hash:
         raise CorruptSwitch(f"{sw.source}: content hash mismatch: the file was corrupted after it was listed")
+    return meta, tensors
+
+
+def load_bits(sw: Switch) -> None:
+    """Read and decode the bits of a switch from :func:`read_light`, checking the whole file against
+    the content hash it was listed with."""
+    meta, tensors = _as_listed(sw)
     sw.mask, sw.pos = decode_bits(meta, tensors["mask"].numpy(), tensors["sign"].numpy())
+
+
+def read_head(sw: Switch) -> Head:
+    """The head of a switch from :func:`read_light`, with its weights read again from the byte
+    ranges it was listed with and found equal to them (CRC-32). Bytes that differ (a file written
+    again in another layout) are taken from the whole file, checked against the content hash."""
+    listed = sw.head
+    if listed is None or not listed.listed:
+        raise CorruptSwitch(f"switch {sw.name!r} has no head to read")
+    weight_at, bias_at, crc = sw.head_at
+    raw = []
+    try:
+        with open(sw.source, "rb") as f:
+            for offset, size in [at for at in (weight_at, bias_at) if at is not None]:
+                f.seek(offset)
+                buf = bytearray(size)
+                if f.readinto(buf) != size:
+                    break
+                raw.append(buf)
+    except FileNotFoundError:
+        raise SwitchChanged(f"{sw.source}: the file was removed since it was listed") from None
+    except OSError as exc:
+        raise CorruptSwitch(f"{sw.source}: cannot read ({exc.strerror})") from None
+    got = 0
+    for buf in raw:
+        got = zlib.crc32(buf, got)
+    if len(raw) == 1 + (bias_at is not None) and got == crc:
+        weight = torch.frombuffer(raw[0], dtype=torch.float32).reshape(len(listed.classes), listed.dim)
+        bias = torch.frombuffer(raw[1], dtype=torch.float32) if bias_at is not None else None
+    else:
+        _, tensors = _as_listed(sw)
+        weight, bias = tensors["head.weight"], tensors.get("head.bias")
+    return Head(_finite("head.weight", weight), None if bias is None else _finite("head.bias", bias),
+                listed.classes, listed.normalize)
 
 
 def describe(sw: Switch, file_bytes: int | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ log = logging.getLogger("switchbank.engine")
 
 
 class SwitchSet:
-    """Needs, from the engine: backbone, router, router_ready_exact, resident, cache and hot."""
+    """Needs, from the engine: backbone, router, router_ready_exact, resident, heads, cache and hot."""
 
     def __init__(self):
         self._switches: dict[str, Switch] = {}
@@ -43,7 +43,7 @@ class SwitchSet:
     def validate(self, sw: Switch) -> None:
         """Raise unless ``sw`` can run on this backbone (fingerprint, shapes, head, queries)."""
         self._fits(sw.name, sw.backbone_fingerprint, {e.name: e.shape for e in sw.entries}, list(sw.dense),
-                   None if sw.head is None else sw.head.weight.shape[1],
+                   None if sw.head is None else sw.head.dim,
                    None if sw.queries is None else sw.queries.shape[1], sw.router_fingerprint)
 
     def _fits(self, name, fingerprint, shapes, dense, head_dim, query_dim, router_fingerprint) -> None:
@@ -94,6 +94,7 @@ class SwitchSet:
             self._switches[sw.name] = sw
         self.resident.forget(sw.name)
         self.resident.track(sw)
+        self.heads.forget(sw.name)
         stale = lambda key: sw.name in key.names and key.hashes().get(sw.name) != sw.content_hash  # noqa: E731
         self.cache.invalidate(stale)
         self.hot.forget(stale)
@@ -116,6 +117,7 @@ class SwitchSet:
                 raise NotFound(f"no switch named {name!r}")
         self.router.remove(name)
         self.resident.forget(name)
+        self.heads.forget(name)
         self.cache.invalidate(lambda key: name in key.names)
         self.hot.forget(lambda key: name in key.names)
 
@@ -123,7 +125,8 @@ class SwitchSet:
         """Bring the served set in line with ``bank`` if its generation moved. Returns whether it did.
 
         Switches are read without their bits (format.read_light): start-up costs their headers, heads
-        and query embeddings, not the bank's size in bits. The first sync builds the router index in
+        (checked, then left in their files until a request needs them: heads.py) and query
+        embeddings, not the bank's size in bits. The first sync builds the router index in
         one go; later ones change it incrementally, and rebuild it in the background when it drifts."""
         with self._sync_lock, _no_cyclic_gc():
             self.bank = bank

@@ -42,21 +42,42 @@ class TensorEntry(NamedTuple):
 class Head:
     """A linear classification head on the image embedding: logits = W @ f + b.
 
-    ``normalize`` L2-normalises the embedding first (as CLIP zero-shot heads expect).
+    ``normalize`` L2-normalises the embedding first (as CLIP zero-shot heads expect). A switch
+    listed from a bank file holds its head without ``weight`` and ``bias`` (``listed``): heads.py
+    reads them when a request needs them, so a bank's heads take memory only while they are used.
     """
 
-    weight: torch.Tensor
+    weight: torch.Tensor | None
     bias: torch.Tensor | None
     classes: list[str]
     normalize: bool = True
+    dim: int = 0  # the embedding width it takes; read from ``weight`` where there is one
 
     def __post_init__(self) -> None:
+        if self.weight is None:
+            if self.bias is not None or self.dim < 1:
+                raise InvalidInput("a head listed without its weight needs its width and no bias")
+            return
+        self.dim = int(self.weight.shape[-1])
         if self.weight.dim() != 2:
             raise InvalidInput(f"head weight must be 2-D [classes, dim], got shape {tuple(self.weight.shape)}")
         if len(self.classes) != self.weight.shape[0]:
             raise InvalidInput(f"head has {self.weight.shape[0]} rows but {len(self.classes)} class names")
         if self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[0],):
             raise InvalidInput(f"head bias shape {tuple(self.bias.shape)} != ({self.weight.shape[0]},)")
+
+    @property
+    def listed(self) -> bool:
+        """Whether this is a listing only, its weights left in the switch's file."""
+        return self.weight is None
+
+    def listing(self) -> Head:
+        """This head without its weights."""
+        return Head(None, None, self.classes, self.normalize, self.dim)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.bias) if t is not None)
 
 
 @dataclass
@@ -86,6 +107,8 @@ class Switch:
     format_version: int = 2
     query_count: int = 0  # rows of query embeddings, also once ``queries`` is dropped after indexing
     queries_at: tuple | None = None  # (offset, bytes, dtype, shape) of the queries in ``source``
+    # ((offset, bytes) of the weight, of the bias or None, CRC-32 of both) of a listed head in ``source``
+    head_at: tuple | None = None
     source: Path | None = None  # the file the bits are read from, for switches read lazily
 
     @property

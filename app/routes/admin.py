@@ -105,10 +105,14 @@ async def describe_switch(name: str, request: Request):
 async def cache_stats(request: Request):
     engine = request.app.state.engine
     per_switch = engine.resident.per_switch()
+    blank = {"resident_bytes": 0, "pinned": False, "in_use": False, "recency": 0}
     for key in engine.cache.keys():
         for name in key.names:
-            entry = per_switch.setdefault(name, {"resident_bytes": 0, "pinned": False, "in_use": False, "recency": 0})
+            entry = per_switch.setdefault(name, dict(blank))
             entry["cached_combinations"] = entry.get("cached_combinations", 0) + 1
+    for name, nbytes in engine.heads.per_switch().items():
+        per_switch.setdefault(name, dict(blank))["head_bytes"] = nbytes
     return {**asdict(engine.cache.stats()), "engine": asdict(engine.stats()),
-            "resident": asdict(engine.resident.stats()), "router": engine.router.stats(),
+            "resident": asdict(engine.resident.stats()), "heads": asdict(engine.heads.stats()),
+            "router": engine.router.stats(),
             "switches": dict(sorted(per_switch.items()))}

@@ -183,7 +183,17 @@ def test_metrics(client):
     assert "switchbank_mixed_forward 1.0" in text
     assert "switchbank_router_rebuilds_total 0.0" in text and "switchbank_router_drift 0.0" in text
     assert "switchbank_router_rebuilding 0.0" in text
+    assert "switchbank_resident_heads " in text and "switchbank_head_loads_total " in text
     assert TOKEN not in text
+
+
+def test_admin_cache_reports_heads_read_from_the_bank(client):
+    assert predict(client, colour_png("green", 2), task="green").status_code == 200
+    stats = client.get("/v1/admin/cache", headers=AUTH).json()
+    heads = stats["heads"]
+    assert heads["heads"] >= 1 and heads["loads"] >= 1 and 0 < heads["head_bytes"] <= heads["budget_bytes"]
+    assert stats["switches"]["green"]["head_bytes"] > 0
+    assert sum(s.get("head_bytes", 0) for s in stats["switches"].values()) == heads["head_bytes"]
 
 
 def test_openapi(client):

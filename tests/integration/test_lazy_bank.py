@@ -18,9 +18,10 @@ def bank(tmp_path, backbone, tower):
 
 
 def test_start_up_reads_no_bits_and_answers_match(bank, backbone):
-    lazy = Engine(backbone, k=5, cache_bytes=64 << 20, resident_bytes=1)
+    lazy = Engine(backbone, k=5, cache_bytes=64 << 20, resident_bytes=1, head_bytes=1)
     lazy.sync(bank)
     assert not any(sw.loaded for sw in lazy.switches.values())
+    assert all(sw.head.listed for sw in lazy.switches.values()) and lazy.heads.stats().heads == 0
     assert lazy.resident.stats().resident == 0 and len(lazy.router) == 8 * len(TASKS)
     assert all(sw.queries is None for sw in lazy.switches.values())  # the router holds them
     full = Engine(backbone, k=5, cache_bytes=64 << 20)
@@ -32,6 +33,8 @@ def test_start_up_reads_no_bits_and_answers_match(bank, backbone):
         assert (a.head, a.weights) == (b.head, b.weights)
         close(a.logits, b.logits)
     assert lazy.resident.stats().loads >= 4 and lazy.resident.stats().resident == 0  # budget of one byte
+    heads = lazy.heads.stats()  # read for red, grey and the routed rows' top switches; one held
+    assert heads.loads >= 3 and heads.heads == 1 and all(sw.head.listed for sw in lazy.switches.values())
 
 
 def test_a_bank_past_the_exact_limit_is_ready_on_exact_search_and_gets_its_ivf_index_from_its_files(
@@ -60,12 +63,15 @@ def test_a_bank_past_the_exact_limit_is_ready_on_exact_search_and_gets_its_ivf_i
 
 
 def test_pin_and_warm(bank, backbone):
-    eng = Engine(backbone, k=5, cache_bytes=64 << 20, resident_bytes=1)
+    eng = Engine(backbone, k=5, cache_bytes=64 << 20, resident_bytes=1, head_bytes=1)
     eng.sync(bank)
     eng.pin(["blue"])
     assert eng.switches["blue"].loaded and eng.cache.stats().entries == 1
     eng.run(images(1, 32, seed=3), [Route(task="red")])
     assert eng.switches["blue"].loaded and not eng.switches["red"].loaded
+    assert sorted(eng.heads.per_switch()) == ["blue", "red"]
+    eng.run(images(1, 32, seed=3), [Route(task="green")])
+    assert sorted(eng.heads.per_switch()) == ["blue", "green"]  # the pinned switch's head stays
     with pytest.raises(Exception, match="unknown switch"):
         eng.pin(["nope"])
 
