@@ -19,7 +19,6 @@ import math
 import struct
 import zlib
 from collections.abc import Callable
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from .errors import CorruptSwitch, SwitchChanged
 from .layout import (FORMAT, MAX_HEADER, META_KEY, QUERY_DTYPE, READS, VERSION, Index, Layout, _header, _meta,  # noqa: F401
                      _table, check_meta, read_layout)
 from .packing import dense_to_compact, expand_signs, packed_len, rice_encode, rice_len, rice_to_bitmap
-from .types import Head, Switch, TensorEntry
+from .types import Entries, Head, Switch
 
 
 def _canonical(meta: dict[str, Any]) -> bytes:
@@ -160,23 +159,11 @@ def _finite(key: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _entries(rows: list, scales: list[float], index: Index) -> list[TensorEntry]:
-    """The tensor entries of checked index rows (``index``: their shared part, from check_meta), a
-    column at a time: a bank of thousands of switches makes hundreds each at start-up (twice as fast
-    as a loop over rows)."""
-    if not rows:
-        return []
-    names, shapes, offsets = index.names, index.shapes, index.offsets
-    kept = [r[2] for r in rows]
-    # tuple.__new__ builds each named tuple in C, as TensorEntry(...) would through a Python-level __new__
-    return list(map(tuple.__new__, repeat(TensorEntry), zip(names, shapes, kept, scales, offsets)))
-
-
 def _light(meta: dict[str, Any], tensors: dict[str, torch.Tensor], index: Index) -> Switch:
     """A switch with everything but its bits: index, scales, head, queries, 0-dim deltas
     (``index``: the shared part of its tensor index, from check_meta)."""
     scale = _finite("scale", tensors["scale"])
-    entries = _entries(meta["tensors"], scale.tolist(), index)
+    entries = Entries(index, [r[2] for r in meta["tensors"]], scale.tolist())
     head = None
     if "head.weight" in tensors:
         bias = tensors.get("head.bias")
