@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from array import array
 from collections.abc import Callable, Iterable
 from fractions import Fraction
 from typing import NamedTuple
@@ -101,20 +102,28 @@ class Keyed(NamedTuple):
 
 
 class _Examples:
-    """Query examples and the distinct vectors they share."""
+    """Query examples and the distinct vectors they share.
+
+    A bank of 10,000 distinct switches holds a million vectors, so what a vector needs beyond its
+    key's dict entry is kept in arrays indexed by its uid: its key, and its first owner (the
+    example at the earliest position, with its task); only vectors that several examples share
+    keep their other owners in a dict. As Python lists of tuples that took about 300 bytes a vector.
+    """
 
     def __init__(self):
         # Keys are Python's hash of the bytes (SipHash, keyed per process): a third of sha256's cost,
         # which dominated reading a big bank; a 64-bit collision among a million vectors has odds
         # of about 1 in 30 million, and an admin who wanted to share another switch's examples
         # could upload them outright.
-        self.blocks: dict[tuple, list[int]] = {}  # a task's whole block of vectors -> their uids
+        self.blocks: dict[tuple, array] = {}  # a task's whole block of vectors -> their uids
         self.block_of: dict[int, tuple] = {}  # task id -> its block
         self.uid_of: dict[int, int] = {}  # a vector's key -> its uid
-        self.key_of: dict[int, int] = {}  # uid -> its vector's key
-        self.owners: dict[int, list[tuple[int, int]]] = {}  # uid -> [(position, task id)], by position
-        self.rows: dict[int, list[int]] = {}  # task id -> its uids
-        self.next_uid = self.next_pos = self.next_tid = 0
+        self.key_of = array("q")  # uid -> its vector's key (meaningful while the uid has owners)
+        # uid -> its first owner's position and task id (-1: no owner any more)
+        self.first_pos, self.first_tid = array("q"), array("q")
+        self.more: dict[int, list[tuple[int, int]]] = {}  # uid -> its other owners, by position
+        self.rows: dict[int, array] = {}  # task id -> its uids (shared with blocks: never changed)
+        self.next_pos = self.next_tid = 0
         self.count = 0
 
     @staticmethod
@@ -133,6 +142,13 @@ class _Examples:
         vector it finds into the examples it stands for."""
         return _Examples.block(rows.half if rows.half is not None else rows.x)
 
+    def _own(self, uid: int, pos: int, tid: int) -> None:
+        """One more owner of ``uid``, at a later position than its others."""
+        if self.first_tid[uid] < 0:
+            self.first_pos[uid], self.first_tid[uid] = pos, tid
+        else:
+            self.more.setdefault(uid, []).append((pos, tid))
+
     def add(self, keyed: Keyed) -> tuple[int, np.ndarray, np.ndarray]:
         """Record a task's examples under their keys (:meth:`keys`); returns (its task id, new
         uids, their rows to index)."""
@@ -144,24 +160,25 @@ class _Examples:
         first, n = self.next_pos, len(keys)
         self.next_pos += n
         self.count += n
-        if known is not None and all(u in self.owners for u in known):
+        if known is not None and all(self.first_tid[u] >= 0 for u in known):
             # the same examples as another task (switches built from one example set): no row to look up
             for pos, uid in enumerate(known, first):
-                self.owners[uid].append((pos, tid))
-            self.rows[tid] = list(known)
+                self._own(uid, pos, tid)
+            self.rows[tid] = known
             return tid, np.zeros(0, np.int64), np.zeros(0, np.int64)
         uid_of = self.uid_of
-        uids, new, new_rows = [], [], []
+        uids, new, new_rows = array("q"), [], []
         for r, (pos, key) in enumerate(zip(range(first, first + n), keys)):
             uid = uid_of.get(key)
             if uid is None:
-                uid = uid_of[key] = self.next_uid
-                self.key_of[uid] = key
-                self.next_uid += 1
-                self.owners[uid] = []
+                uid = uid_of[key] = len(self.key_of)
+                self.key_of.append(key)
+                self.first_pos.append(pos)
+                self.first_tid.append(tid)
                 new.append(uid)
                 new_rows.append(r)
-            self.owners[uid].append((pos, tid))
+            else:
+                self._own(uid, pos, tid)
             uids.append(uid)
         self.rows[tid] = uids
         self.blocks[block] = uids
@@ -170,18 +187,25 @@ class _Examples:
     def remove(self, tid: int) -> list[int]:
         """Forget a task's examples; returns the uids no example stands for any more."""
         dead = []
-        for uid in self.rows.pop(tid, []):
-            owners = self.owners[uid]
-            for i, (_, t) in enumerate(owners):
-                if t == tid:
-                    del owners[i]
-                    self.count -= 1
-                    break
-            if not owners:
-                del self.owners[uid]
+        for uid in self.rows.pop(tid, ()):
+            more = self.more.get(uid)
+            if self.first_tid[uid] == tid:
+                if more:
+                    self.first_pos[uid], self.first_tid[uid] = more.pop(0)
+                else:
+                    self.first_tid[uid] = -1
+            elif more:
+                for i, (_, t) in enumerate(more):
+                    if t == tid:
+                        del more[i]
+                        break
+            if more is not None and not more:
+                del self.more[uid]
+            self.count -= 1
+            if self.first_tid[uid] < 0:
                 dead.append(uid)
         for uid in dead:
-            self.uid_of.pop(self.key_of.pop(uid), None)
+            self.uid_of.pop(self.key_of[uid], None)
         block = self.block_of.pop(tid, None)
         if dead and block is not None:
             self.blocks.pop(block, None)  # its vectors are no longer all indexed
@@ -190,9 +214,13 @@ class _Examples:
     def nearest(self, dist: np.ndarray, uids: np.ndarray, k: int) -> list[int]:
         """Task ids of the k nearest examples, from distinct vectors in ascending distance."""
         examples = []
+        first_pos, first_tid, more = self.first_pos, self.first_tid, self.more
         for d, u in zip(dist.tolist(), uids.tolist()):
             if u >= 0:
-                examples.extend((d, pos, tid) for pos, tid in self.owners[u][:k])
+                examples.append((d, first_pos[u], first_tid[u]))
+                others = more.get(u)
+                if others:
+                    examples.extend((d, pos, tid) for pos, tid in others[:k - 1])
         examples.sort()
         return [tid for _, _, tid in examples[:k]]
 

@@ -450,7 +450,8 @@ def test_identical_blocks_removed_and_added_again_route_as_every_example_would()
     assert r.counts(queries) == naive_counts(present, queries, 5)
     for name in list(present):
         r.remove(name)
-    assert len(r) == 0 and r._ex.blocks == {} and r._ex.uid_of == {} and r._ex.key_of == {}
+    assert len(r) == 0 and r._ex.blocks == {} and r._ex.uid_of == {} and r._ex.more == {}
+    assert all(t < 0 for t in r._ex.first_tid)
     r.add("again", block)
     assert r.counts(block) == [{"again": 5}] * 5
 
