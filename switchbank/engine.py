@@ -27,9 +27,9 @@ from .backbone import Backbone
 from .cache import DeltaCache
 from .combine import merged_params, owned_bytes
 from .errors import InvalidInput, NotFound, SwitchChanged
+from .heads import Heads
 from .hot import HotSet
 from .jit import DEFAULT_BUDGET, JitMerge
-from .heads import Heads
 from .resident import Residency
 from .routing import Router
 from .switchset import SwitchSet

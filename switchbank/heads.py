@@ -3,8 +3,8 @@
 A switch listed from a bank file keeps its head as a listing (class names, width, where its
 weights lie in the file): a head with hundreds of classes can outweigh the switch's query
 embeddings, and a bank of thousands of switches would otherwise hold every one of them. A request
-needs the head of its top switch; it is read from the file then (a few hundred microseconds for a
-demo head) and kept under a byte budget, least recently used first out. Heads of pinned switches
+needs the head of its top switch; it is read from the file then (about 40 microseconds for a demo
+head) and kept under a byte budget, least recently used first out. Heads of pinned switches
 are never dropped; a switch added in-process keeps its own head.
 """
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from fractions import Fraction
+from itertools import repeat
 from math import isfinite
 from pathlib import Path
 from typing import NamedTuple
@@ -44,8 +44,8 @@ class TensorEntry(NamedTuple):
 class Entries(Sequence):
     """A switch's tensor entries (TensorEntry, in file order) held as columns: the names, shapes and
     offsets shared by every switch of one layout (layout.Index), and this switch's kept counts and
-    scales as arrays. Listed from a bank, a switch of about 150 tensors held its entries as tuples
-    in about 18 KB, as columns in under 3 KB; a bank of thousands of switches holds them all."""
+    scales as arrays. A bank of thousands of switches holds every switch's entries: for about 150
+    tensors, tuples take about 18 KB a switch, these columns under 3 KB."""
 
     __slots__ = ("index", "kept", "scale")
 
@@ -102,13 +102,13 @@ class Head:
             if self.bias is not None or self.dim < 1:
                 raise InvalidInput("a head listed without its weight needs its width and no bias")
             return
-        self.dim = int(self.weight.shape[-1])
         if self.weight.dim() != 2:
             raise InvalidInput(f"head weight must be 2-D [classes, dim], got shape {tuple(self.weight.shape)}")
         if len(self.classes) != self.weight.shape[0]:
             raise InvalidInput(f"head has {self.weight.shape[0]} rows but {len(self.classes)} class names")
         if self.bias is not None and tuple(self.bias.shape) != (self.weight.shape[0],):
             raise InvalidInput(f"head bias shape {tuple(self.bias.shape)} != ({self.weight.shape[0]},)")
+        self.dim = int(self.weight.shape[1])
 
     @property
     def listed(self) -> bool:
