@@ -125,13 +125,14 @@ class Index:
     offsets: tuple[int, ...]  # each tensor's byte offset in the dense bit planes
     bitmaps: int  # bytes of every mask as a bitmap
     positions: dict[str, int]  # each tensor's position, by name
+    shape_of: dict[str, tuple[int, ...]]  # each tensor's shape, by name
 
 
 def _index(names: tuple, shapes: tuple) -> Index:
     numel = list(map(math.prod, shapes))
     offsets = (0, *accumulate((n + 7) // 8 for n in numel))
     return Index(names, shapes, np.array(numel, dtype=np.int64), offsets[:-1], offsets[-1],
-                 {n: i for i, n in enumerate(names)})
+                 {n: i for i, n in enumerate(names)}, dict(zip(names, shapes)))
 
 
 _EMPTY = _index((), ())

@@ -42,7 +42,7 @@ class SwitchSet:
 
     def validate(self, sw: Switch) -> None:
         """Raise unless ``sw`` can run on this backbone (fingerprint, shapes, head, queries)."""
-        self._fits(sw.name, sw.backbone_fingerprint, {e.name: e.shape for e in sw.entries}, list(sw.dense),
+        self._fits(sw.name, sw.backbone_fingerprint, sw.shapes(), list(sw.dense),
                    None if sw.head is None else sw.head.dim,
                    None if sw.queries is None else sw.queries.shape[1], sw.router_fingerprint)
 

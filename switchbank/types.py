@@ -163,6 +163,12 @@ class Switch:
     def n_params(self) -> int:
         return sum(e.numel for e in self.entries)
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each switched tensor's shape, by name (for a listed switch, its layout's own dict)."""
+        if isinstance(self.entries, Entries):
+            return self.entries.index.shape_of
+        return {e.name: e.shape for e in self.entries}
+
     def entry_map(self):
         """Entries by tensor name, a mapping with ``get`` (for a list of entries, a dict built
         once: entries never change after construction)."""
