@@ -168,3 +168,19 @@ def test_light_load_reads_everything_but_the_bits(tmp_path, files):
     assert describe(light, len(a1)) == describe(full, len(a1)) | {"resident_bits_per_param": 0.0}
     load_bits(light)
     assert light.loaded and light.mask.equal(full.mask) and light.pos.equal(full.pos)
+
+
+def test_a_listed_switch_holds_its_entries_as_columns_of_its_layout(tmp_path, files):
+    from switchbank.types import Entries
+    a1, _, b1 = files
+    bank = Bank(tmp_path / "columns", create=True)
+    full, _ = bank.add(a1)
+    bank.add(b1)
+    a, b = bank.load("a", light=True), bank.load("b", light=True)
+    assert isinstance(a.entries, Entries) and list(a.entries) == list(full.entries)
+    assert a.entries[1:3] == list(full.entries)[1:3] and a.entries[-1] == full.entries[-1]
+    first = full.entries[0]
+    assert a.entry_map().get(first.name) == first and a.entry_map().get("no such tensor") is None
+    assert a.shapes() == {e.name: e.shape for e in full.entries}
+    assert a.shapes() is b.shapes()  # switches of one layout share it
+    assert a.entries != list(full.entries)[:-1]
