@@ -161,8 +161,8 @@ class JitMerge:
             self._shares.clear()
         emap = sw.entry_map()
         names = self.segments[seg]
-        at = [i for i, n in enumerate(names) if (e := emap.get(n)) is not None and _contributes(e)]
-        entries = [emap.get(names[i]) for i in at]
+        found = [(i, e) for i, n in enumerate(names) if (e := emap.get(n)) is not None and _contributes(e)]
+        at, entries = [i for i, _ in found], [e for _, e in found]
         offset = np.asarray([e.offset for e in entries], dtype=np.int64)
         mask_addr, pos_addr = fused.bit_addresses(sw.mask, sw.pos, offset, self._plans[seg].numel[at])
         share = _Share(np.asarray(at, dtype=np.int64), mask_addr, pos_addr,
