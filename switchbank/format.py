@@ -263,13 +263,13 @@ def read_light(path: str | Path) -> Switch:
     sw = _light(meta, tensors, index)
     sw.source = path
     if sw.head is not None:  # checked; its bytes stay in the file until a request needs them
-        at = [table[k][2] for k in ("head.weight", "head.bias") if k in table]
-        crc = 0
+        spans, crc = [], 0
         for k in ("head.weight", "head.bias"):
-            if k in tensors:
+            if k in table:
+                start, end = table[k][2]
+                spans.append((8 + n + start, end - start))
                 crc = zlib.crc32(tensors[k].numpy().view(np.uint8), crc)
-        sw.head_at = ((8 + n + at[0][0], at[0][1] - at[0][0]),
-                      (8 + n + at[1][0], at[1][1] - at[1][0]) if len(at) > 1 else None, crc)
+        sw.head_at = (spans[0], spans[1] if len(spans) > 1 else None, crc)
         sw.head = sw.head.listing()
     sw.payload_bytes = sum(end - start for key, (_, _, (start, end)) in table.items() if key in ("mask", "sign", "scale"))
     if "queries" in table:
