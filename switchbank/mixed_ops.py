@@ -215,6 +215,7 @@ _ONEDNN_LINEAR = _onednn_linear()
 _ONEDNN_CONV = _onednn_conv()
 _PACK_CONV, _PACK_LINEAR = _packers() if _ONEDNN_LINEAR is not None and _ONEDNN_CONV is not None else (None, None)
 NO_ACT = ("none", [])  # a oneDNN post-op: (name, scalars)
+UNFOLD = 2  # a cold group runs its norm on the output where UNFOLD * output < weight (MixedBatchNorm.fold)
 
 
 def dense(w: torch.Tensor, shape) -> torch.Tensor:
@@ -240,17 +241,21 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act: tup
     return F.linear(x, dense(w, (w.shape[0], -1)), bias)
 
 
-def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor, act: tuple = NO_ACT) -> torch.Tensor:
+def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor, act: tuple = NO_ACT, finish=None) -> torch.Tensor:
     """A linear map per group over ``x`` [B, ..., in] (batch first), each group's rows written into
-    its slice of one output."""
-    if len(ts) == 1:
+    its slice of one output. A group's entry (weight, bias, post) has its output [rows, out] passed
+    through ``finish(output, post)`` instead of getting ``act``."""
+    if len(ts) == 1 and len(ts[0]) == 2:
         return linear(x, *ts[0], act)
     b = x.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     per = x2.shape[0] // b  # rows of x2 per batch row (tokens, pixels)
     out = x2.new_empty((x2.shape[0], ts[0][0].shape[0]))
-    for (s, e), (w, bias) in zip(groups.spans, ts):
-        out[s * per:e * per] = linear(x2[s * per:e * per], w, bias, act)
+    for (s, e), (w, bias, *post) in zip(groups.spans, per_piece(ts, len(groups.spans))):
+        if post:
+            out[s * per:e * per] = finish(linear(x2[s * per:e * per], w, bias), post[0])
+        else:
+            out[s * per:e * per] = linear(x2[s * per:e * per], w, bias, act)
     return groups.mix(out.view(*x.shape[:-1], out.shape[-1]))
 
 
@@ -270,7 +275,9 @@ class MixedConv(_Op):
     padding on both sides and a kernel grown by a zero row or column at its start (see
     :meth:`same_plan`), which gives the same sums. When the trace finds that the output feeds a
     BatchNorm and nothing else, the norm's affine part is folded into each group's weights and bias
-    (exact up to rounding), which saves a pass over the activations.
+    (exact up to rounding), which saves a pass over the activations; a group whose weights were
+    merged for this batch only and whose output is smaller than the weight runs the norm on its
+    output instead (MixedBatchNorm.fold), which saves writing a folded copy of the weight.
     """
 
     def __init__(self, active, names, mod: nn.Conv2d, same: bool):
@@ -357,14 +364,31 @@ class MixedConv(_Op):
                 w = self.kernel_for(w, plan[1], False)
         return _PACK_CONV(w, padding, list(self.stride), list(self.dilation), self.groups, self.in_shape), b
 
+    def out_numel(self, size) -> int:
+        """Elements of one row's output for an input of spatial ``size``."""
+        if self.same:
+            hw = [-(-n // s) for n, s in zip(size, self.stride)]
+        else:
+            hw = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+                  for n, p, d, k, s in zip(size, self.padding, self.dilation, self.kernel, self.stride)]
+        return self.weight_shape[0] * hw[0] * hw[1]
+
+    def finish(self, out: torch.Tensor, post: tuple, act: tuple | None) -> torch.Tensor:
+        """A group's output of its unfolded weights (see MixedBatchNorm.fold) through its norm
+        (``post``: gamma, beta; channels on dimension 1), and the norm's activation where
+        ``act`` says the folded groups got it inside the convolution."""
+        gamma, beta = post
+        out = F.batch_norm(out, self.bn.mean, self.bn.var, gamma, beta, False, 0.0, self.bn.eps)
+        return out if act is None else self.bn.act(out)
+
     def forward(self, x):
+        split = isinstance(x, Parts)
+        first = x.pieces[0] if split else x
         if self.bn is not None:
-            g, ts = self.active.groups, self.bn.fold(self)
+            g, ts = self.active.groups, self.bn.fold(self, self.out_numel(first.shape[-2:]))
         else:
             g, ts = self.tensors()
-        split = isinstance(x, Parts)
         apart = split or (self.active.parts and len(ts) > 1)
-        first = x.pieces[0] if split else x
         channels_last = first.is_contiguous(memory_format=torch.channels_last)
         act = self.act if self.act is not None and onednn(first, ts[0][0]) else None
         pointwise = self.pointwise and all(p.is_contiguous(memory_format=torch.channels_last)
@@ -376,9 +400,12 @@ class MixedConv(_Op):
         if pointwise:
             self.in_shape = _batch_shape(x)
             if apart:
-                return _per_group(g, ts, x, lambda p, w, b: linear(p.permute(0, 2, 3, 1), w, b, act or NO_ACT)
-                                  .permute(0, 3, 1, 2), apart=True)
-            return _linear_rows(g, ts, x.permute(0, 2, 3, 1), act or NO_ACT).permute(0, 3, 1, 2)
+                def run(p, w, b, *post):
+                    out = linear(p.permute(0, 2, 3, 1), w, b, NO_ACT if post else act or NO_ACT).permute(0, 3, 1, 2)
+                    return self.finish(out, post[0], act) if post else out
+                return _per_group(g, ts, x, run, apart=True)
+            return _linear_rows(g, ts, x.permute(0, 2, 3, 1), act or NO_ACT,
+                                lambda out, post: self.finish(out, post, act)).permute(0, 3, 1, 2)
         padding = self.padding
         if self.same:
             plan = self.same_plan(first.shape[-2:])
@@ -388,23 +415,27 @@ class MixedConv(_Op):
                 else:
                     x = pad_same(x, self.kernel, self.stride, self.dilation, self._pad)
             padding, grow = plan or ((0, 0), (0, 0))
-            ts = [(self.kernel_for(w, grow, act is not None), b) for w, b in ts]
-            if act is None and len(ts) == 1 and not split:
+            ts = [(self.kernel_for(w, grow, act is not None), b, *post) for w, b, *post in ts]
+            if act is None and len(ts) == 1 and len(ts[0]) == 2 and not split:
                 return F.conv2d(x, *ts[0], self.stride, padding, self.dilation, self.groups)
         else:
             if act is None or self.pointwise:  # not the path prepare() reordered the weights for
-                ts = [(dense(w, self.weight_shape), b) for w, b in ts]
-            if act is None and len(ts) == 1 and not split:
+                ts = [(dense(w, self.weight_shape), b, *post) for w, b, *post in ts]
+            if act is None and len(ts) == 1 and len(ts[0]) == 2 and not split:
                 return self.plain(x, *ts[0])
         self.in_shape = _batch_shape(x)
         if act is not None:
             stride, dilation = list(self.stride), list(self.dilation)
 
-            def conv(xs, w, b):
+            def conv(xs, w, b, *post):
+                if post:
+                    return self.finish(_ONEDNN_CONV(xs, w, b, list(padding), stride, dilation, self.groups, "none", [], ""),
+                                       post[0], act)
                 return _ONEDNN_CONV(xs, w, b, list(padding), stride, dilation, self.groups, act[0], act[1], "")
         else:
-            def conv(xs, w, b):
-                return F.conv2d(xs, w, b, self.stride, padding, self.dilation, self.groups)
+            def conv(xs, w, b, *post):
+                out = F.conv2d(xs, w, b, self.stride, padding, self.dilation, self.groups)
+                return self.finish(out, post[0], None) if post else out
         out = _per_group(g, ts, x, conv, apart)
         if not channels_last:
             return out
@@ -481,9 +512,14 @@ class MixedBatchNorm(_Op):
         scale = [t[0] * self.inv for t in ts]
         return scale, [t[1] - self.mean * s for t, s in zip(ts, scale)]
 
-    def fold(self, conv: MixedConv) -> list[tuple]:
+    def fold(self, conv: MixedConv, out_numel: int | None = None) -> list[tuple]:
         """Per group, ``conv``'s (weight, bias) with this norm's affine part folded in: from the
-        group's memo (a cached tower's are computed when it is built), else computed now."""
+        group's memo (a cached tower's are computed when it is built), else computed now; or,
+        for a group whose output (``out_numel`` elements a row) is smaller than the weight, the
+        unfolded (weight, bias, (gamma, beta)), the norm to be run on the output
+        (MixedConv.finish). A fold writes a new weight, once per batch for weights merged just in
+        time: at the demo tower's last stages a row's output is a few thousand elements where a
+        weight is up to 400,000."""
         g = self.active.groups
         if self.active.record is not None:
             self.active.record.extend((conv.names, self.names))
@@ -494,6 +530,10 @@ class MixedBatchNorm(_Op):
             if hit is None:
                 w, b = g.fetch(i, conv.names)
                 gamma, beta = g.fetch(i, self.names)
+                s, e = g.spans[i]
+                if out_numel is not None and UNFOLD * (e - s) * out_numel < w.numel():
+                    out.append((w, b, (gamma, beta)))
+                    continue
                 hit = memo[key] = fold(w, b, gamma, beta, self.mean, self.inv)
             out.append(hit)
         self.folded = True

@@ -491,6 +491,48 @@ def test_demo_tower_keeps_the_groups_apart_between_its_convolutions(monkeypatch)
         close(apart[s:e], b.forward(x[s:e], variants[g]))
 
 
+@pytest.mark.parametrize("parts", [True, False])
+@pytest.mark.parametrize("fused_act", [True, False])
+def test_cold_groups_run_their_norm_on_the_output_where_it_is_smaller_than_the_weight(monkeypatch, parts, fused_act):
+    """A convolution whose weight was merged for this batch has its norm folded into the weight,
+    or, where the group's output is the smaller (the demo tower's last stages), run on the output:
+    both answer as each group alone, with the groups kept apart or joined and the norm's
+    activation inside the convolution or after it."""
+    from switchbank import mixed_ops
+    b = load_backbone(DEMO_ARCH, device="cpu")
+    tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
+    assert tower is not None, why
+    tower.set_parts(parts)
+    tower.set_fused_act(fused_act)
+    variants = [perturbed(b.params, s) for s in range(3)]
+    spans = [(0, 1), (1, 3), (3, 4)]
+    x = images(4, b.probe().shape[-1], seed=5)
+
+    def fetch(g, names):
+        return tuple(variants[g][n] if n else None for n in names)
+
+    finished, folded = [], []
+    real_finish, real_fold = mixed_ops.MixedConv.finish, mixed_ops.fold
+    monkeypatch.setattr(mixed_ops.MixedConv, "finish", lambda self, *a: finished.append(1) or real_finish(self, *a))
+    monkeypatch.setattr(mixed_ops, "fold", lambda *a: folded.append(1) or real_fold(*a))
+    outs = {}
+    for unfold in (float("inf"), mixed_ops.UNFOLD, 0):
+        monkeypatch.setattr(mixed_ops, "UNFOLD", unfold)
+        finished.clear()
+        folded.clear()
+        outs[unfold] = b.forward_mixed(x, tower, mixed.Groups(spans, fetch))
+        counts = len(finished), len(folded)
+        if unfold == 0:
+            assert counts[0] and not counts[1]
+        elif unfold == float("inf"):
+            assert counts[1] and not counts[0]
+        else:
+            assert all(counts)
+    for out in outs.values():
+        for g, (s, e) in enumerate(spans):
+            close(out[s:e], b.forward(x[s:e], variants[g]))
+
+
 class _ConvThenMean(nn.Module):
     """Convolutions whose output a tensor method (not a module) reads: Parts cannot reach it."""
 
