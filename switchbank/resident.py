@@ -39,6 +39,10 @@ class Residency:
         self.device = device
         self.on_load = on_load
         self._order: OrderedDict[str, Switch] = OrderedDict()  # loaded switches, least recently used first
+        # each tracked switch's bytes as counted, and their sum: every batch checks the budget, and
+        # summing thousands of switches for it took milliseconds
+        self._size: dict[str, int] = {}
+        self._total = 0
         self._holds: dict[str, int] = {}
         self.pinned: set[str] = set()
         self._lock = threading.Lock()
@@ -47,7 +51,19 @@ class Residency:
         self.load_seconds = 0.0
 
     def _bytes(self) -> int:
-        return sum(sw.resident_bytes() for sw in self._order.values())
+        return self._total
+
+    def _put(self, sw: Switch) -> None:
+        """Track ``sw`` (in place of any switch of its name) as the most recently used. Lock held."""
+        self._drop(sw.name)
+        self._order[sw.name] = sw
+        self._size[sw.name] = size = sw.resident_bytes()
+        self._total += size
+
+    def _drop(self, name: str) -> None:
+        """Stop tracking ``name``. Lock held."""
+        if self._order.pop(name, None) is not None:
+            self._total -= self._size.pop(name)
 
     @contextmanager
     def use(self, switches: list[Switch]) -> Iterator[None]:
@@ -71,10 +87,10 @@ class Residency:
     def _ensure(self, sw: Switch) -> None:
         with self._lock:
             if sw.loaded:
-                if sw.name in self._order and self._order[sw.name] is sw:
+                if self._order.get(sw.name) is sw:
                     self._order.move_to_end(sw.name)
                 else:
-                    self._order[sw.name] = sw
+                    self._put(sw)
                 return
             gate = self._loading.setdefault(sw.name, threading.Lock())
         with gate:  # one load per switch, however many batches want it
@@ -94,34 +110,38 @@ class Residency:
                 if self.on_load:
                     self.on_load(dt)
         with self._lock:
-            self._order[sw.name] = sw
-            self._order.move_to_end(sw.name)
+            if self._order.get(sw.name) is sw:
+                self._order.move_to_end(sw.name)
+            else:
+                self._put(sw)
 
     def _evict(self) -> None:
         """Unload least recently used switches until within budget. Lock held."""
-        total = self._bytes()
+        total = self._total
+        if total <= self.budget:
+            return
         for name in list(self._order):
             if total <= self.budget:
                 return
             sw = self._order[name]
             if name in self.pinned or name in self._holds or sw.source is None:
                 continue
-            total -= sw.resident_bytes()
+            self._drop(name)
+            total = self._total
             sw.mask = sw.pos = None
-            del self._order[name]
             self.evictions += 1
 
     def forget(self, name: str) -> None:
         """A switch was removed or replaced: stop tracking its old bits."""
         with self._lock:
-            self._order.pop(name, None)
+            self._drop(name)
             self._loading.pop(name, None)
 
     def track(self, sw: Switch) -> None:
         """Count a switch that arrives with its bits loaded."""
         if sw.loaded:
             with self._lock:
-                self._order[sw.name] = sw
+                self._put(sw)
                 self._evict()
 
     def pin(self, switches: list[Switch]) -> None:

@@ -51,6 +51,32 @@ def test_pinned_and_held_switches_stay(light):
     assert res.per_switch()["a"]["pinned"]
 
 
+def test_resident_bytes_follow_loads_evictions_replacements_and_removals(light, tower):
+    """The budget is checked against a running count: after every kind of change it equals the
+    bytes of the switches held."""
+    size = None
+
+    def held(res):
+        return sum(sw.resident_bytes() for sw in res._order.values())
+
+    res = Residency(1 << 30)
+    for name in "abc":
+        with res.use([light[name]]):
+            size = light[name].resident_bytes()
+    assert res.stats().resident_bytes == held(res) == 3 * size
+    new = make_switch(tower, "a", seed=9)  # added in-process: its bits in memory, no file to reload them from
+    res.track(new)  # replaces the tracked "a"
+    assert res.stats().resident_bytes == held(res) == 3 * size
+    res.forget("b")
+    assert res.stats().resident_bytes == held(res) == 2 * size
+    res.budget = size
+    with res.use([light["d"]]):
+        pass
+    # c and d evicted, least recently used first; the new "a" has no file, so it stays
+    assert set(res.per_switch()) == {"a"} and not light["c"].loaded and not light["d"].loaded
+    assert res.stats().resident_bytes == held(res) == size and res.stats().evictions == 2
+
+
 def test_concurrent_batches_load_a_cold_switch_once(light):
     res = Residency(1 << 30)
     barrier = threading.Barrier(8)
