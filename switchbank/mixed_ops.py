@@ -366,8 +366,10 @@ class MixedConv(_Op):
 
     def out_numel(self, size) -> int:
         """Elements of one row's output for an input of spatial ``size``."""
-        if self.same:
+        if self.same or self.padding == "same":
             hw = [-(-n // s) for n, s in zip(size, self.stride)]
+        elif isinstance(self.padding, str):  # "valid"
+            hw = [(n - d * (k - 1) - 1) // s + 1 for n, d, k, s in zip(size, self.dilation, self.kernel, self.stride)]
         else:
             hw = [(n + 2 * p - d * (k - 1) - 1) // s + 1
                   for n, p, d, k, s in zip(size, self.padding, self.dilation, self.kernel, self.stride)]

@@ -533,6 +533,20 @@ def test_cold_groups_run_their_norm_on_the_output_where_it_is_smaller_than_the_w
             close(out[s:e], b.forward(x[s:e], variants[g]))
 
 
+def test_a_convolutions_output_size_is_known_before_it_runs():
+    """The size the fold-or-not rule reads, for every padding a convolution may have."""
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from switchbank.mixed_ops import MixedConv, _Active
+    cases = [(nn.Conv2d(4, 6, k, stride=s, padding=p), False) for p in (0, 1, (2, 1), "valid") for k, s in
+             ((3, 1), (3, 2), (5, 2), (1, 1))]
+    cases += [(nn.Conv2d(4, 6, 3, padding="same"), False), (Conv2dSame(4, 6, 3, stride=2), True)]
+    for mod, same in cases:
+        conv = MixedConv(_Active({}), ("w", "b"), mod, same)
+        for hw in ((7, 7), (8, 9), (16, 16)):
+            assert conv.out_numel(hw) == mod(torch.randn(1, 4, *hw)).numel(), (mod, hw)
+
+
 class _ConvThenMean(nn.Module):
     """Convolutions whose output a tensor method (not a module) reads: Parts cannot reach it."""
 
