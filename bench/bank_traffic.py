@@ -12,7 +12,9 @@ Each engine first serves the whole stream once, as a server that has been runnin
 have; then, batch by batch, the plain forward and every engine run the same batch in turn, and
 each ratio is the median over batches of the ratio within a batch. The table reports how many
 switches a request mixes, the distinct mixes (groups) per batch, the share of groups on cached
-weights and the cold switch loads during the measurement.
+weights, the cold switch loads during the measurement, and the router's k-NN for the batch (timed
+after each engine's batch, on the batch's embeddings) against the plain forward and against the
+engine's whole batch.
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ def main(argv=None) -> int:
         layout = torch.channels_last if backbone.channels_last else torch.contiguous_format
         before = {label: (e.stats(), e.resident.stats()) for label, e in engines.items()}
         times: dict[str, list[float]] = {"plain forward": [], **{label: [] for label in engines}}
+        knn: dict[str, list[float]] = {label: [] for label in engines}
+        emb = [engines[next(iter(engines))].embed(x) for x in xs[:args.batches]]  # the router's input
         for r in range(args.rounds):
-            for x in xs[:args.batches]:
+            for x, e_x in zip(xs[:args.batches], emb):
                 xd = x.contiguous(memory_format=layout)
                 t0 = time.perf_counter()
                 with torch.inference_mode():
@@ -79,6 +83,9 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     eng.run(x, auto)
                     times[label].append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    eng.router.weights(e_x)
+                    knn[label].append(time.perf_counter() - t0)
         mixes = {label: [len(w) for x in xs[:args.batches] for w in e.router.weights(e.embed(x))]
                  for label, e in engines.items()}
     ref = times["plain forward"]
@@ -93,20 +100,26 @@ def main(argv=None) -> int:
             groups = (s1.groups_hot - s0.groups_hot) + (s1.groups_cold - s0.groups_cold)
             nb = (s1.batches_cached + s1.batches_mixed + s1.batches_grouped
                   - s0.batches_cached - s0.batches_mixed - s0.batches_grouped)
-            item.update({"switches_per_request": statistics.mean(mixes[label]),
+            item.update({"knn_ms": summary([1000 * s for s in knn[label]]),
+                         "knn_vs_plain_forward": statistics.median(k / p for k, p in zip(knn[label], ref)),
+                         "knn_vs_batch": statistics.median(k / b for k, b in zip(knn[label], samples)),
+                         "switches_per_request": statistics.mean(mixes[label]),
                          "groups_per_batch": groups / max(1, nb),
                          "groups_on_cached_weights": (s1.groups_hot - s0.groups_hot) / max(1, groups),
                          "cold_loads": r1.loads - r0.loads, "resident_switches": r1.resident,
                          "cache_bytes": c1.bytes, "cache_entries": c1.entries})
             row += [f"{item['switches_per_request']:.1f}", f"{item['groups_per_batch']:.1f}",
-                    f"{100 * item['groups_on_cached_weights']:.0f}%", item["cold_loads"]]
+                    f"{100 * item['groups_on_cached_weights']:.0f}%", item["cold_loads"],
+                    f"{item['knn_ms']['median']:.1f} ms ({100 * item['knn_vs_plain_forward']:.0f}% / "
+                    f"{100 * item['knn_vs_batch']:.0f}%)"]
         else:
-            row += ["", "", "", ""]
+            row += ["", "", "", "", ""]
         rows.append(row)
         results.append(item)
     md = (f"# Auto-Switch traffic on big banks (batches of 16 shuffled held-out images, {len(ref)} batches)\n\n"
           + md_table(["bank", "ms a batch (median)", "throughput vs plain", "switches a request mixes",
-                      "groups a batch", "groups on cached weights", "cold loads"], rows)
+                      "groups a batch", "groups on cached weights", "cold loads",
+                      "k-NN a batch (of the plain forward / of the engine's batch)"], rows)
           + f"\n\nRerun: `python -m bench.bank_traffic --switches {n}`.")
     print(md)
     write(f"bank-traffic-{n}", {"switches": n, "batch": batch, "batches": len(ref), "cases": results}, md)
