@@ -8,7 +8,7 @@ import torch
 import faiss  # noqa: E402  (after torch, as switchbank.knn imports them)
 
 from switchbank.errors import Incompatible, InvalidInput
-from switchbank.routing import Router
+from switchbank.routing import Router, _Examples
 
 
 def test_weights_are_neighbour_counts_over_k():
@@ -21,6 +21,20 @@ def test_weights_are_neighbour_counts_over_k():
     assert counts[2] == {"left": 3, "right": 1}
     w = r.weights(np.array([[-1, 0]], dtype=np.float32))[0]
     assert w == {"left": Fraction(3, 4), "right": Fraction(1, 4)} and sum(w.values()) == 1
+
+
+@pytest.mark.parametrize(("dtype", "dim"), [(np.float16, 1280), (np.float32, 768), (np.float16, 7), (np.float32, 3)])
+def test_row_keys_are_equal_for_equal_rows_and_differ_for_a_bit(dtype, dim):
+    """Examples are shared by the keys of their bytes: equal rows share one, and a row one bit
+    away has its own (rows whose bytes are not whole 8-byte words too)."""
+    x = np.random.default_rng(0).normal(size=(6, dim)).astype(dtype)
+    x[4] = x[1]
+    keys = _Examples.row_keys(x)
+    assert keys[4] == keys[1] and len(set(keys)) == 5
+    y = x.copy()
+    y.view(np.uint8)[0, -1] ^= 1  # the last byte's lowest bit
+    assert _Examples.row_keys(y)[0] != keys[0] and _Examples.row_keys(y)[1:] == keys[1:]
+    assert _Examples.row_keys(np.zeros((0, dim), dtype)) == []
 
 
 def test_ties_are_deterministic():
