@@ -76,6 +76,8 @@ class Heads:
 
     def _evict(self) -> None:
         """Drop least recently used heads until within budget, the newest kept. Lock held."""
+        if self._bytes <= self.budget:  # the common case: no list of every held head to make
+            return
         for name in list(self._order)[:-1]:
             if self._bytes <= self.budget:
                 return
