@@ -197,21 +197,9 @@ class _Examples:
             self.rows[tid] = known
             return tid, np.zeros(0, np.int64), np.zeros(0, np.int64)
         uid_of = self.uid_of
-        found = list(map(uid_of.get, keys))
-        if found.count(None) == n and len(set(keys)) == n:  # all new (a distinct switch): in bulk
-            start = len(self.key_of)
-            uids = array("q", range(start, start + n))
-            self.key_of.extend(keys)
-            self.first_pos.extend(range(first, first + n))
-            self.first_tid.extend(repeat(tid, n))
-            uid_of.update(zip(keys, uids))
-            self.rows[tid] = uids
-            self.blocks[block] = uids
-            return tid, np.arange(start, start + n, dtype=np.int64), np.arange(n, dtype=np.int64)
         uids, new, new_rows = array("q"), [], []
-        for r, (pos, key, uid) in enumerate(zip(range(first, first + n), keys, found)):
-            if uid is None:
-                uid = uid_of.get(key)  # a row repeated within this block
+        for r, (pos, key) in enumerate(zip(range(first, first + n), keys)):
+            uid = uid_of.get(key)
             if uid is None:
                 uid = uid_of[key] = len(self.key_of)
                 self.key_of.append(key)
