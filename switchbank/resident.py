@@ -53,6 +53,14 @@ class Residency:
     def _bytes(self) -> int:
         return self._total
 
+    def _touch(self, sw: Switch) -> None:
+        """Mark ``sw`` the most recently used, tracking it (in place of any switch of its name)
+        where it is not yet. Lock held."""
+        if self._order.get(sw.name) is sw:
+            self._order.move_to_end(sw.name)
+        else:
+            self._put(sw)
+
     def _put(self, sw: Switch) -> None:
         """Track ``sw`` (in place of any switch of its name) as the most recently used. Lock held."""
         self._drop(sw.name)
@@ -87,10 +95,7 @@ class Residency:
     def _ensure(self, sw: Switch) -> None:
         with self._lock:
             if sw.loaded:
-                if self._order.get(sw.name) is sw:
-                    self._order.move_to_end(sw.name)
-                else:
-                    self._put(sw)
+                self._touch(sw)
                 return
             gate = self._loading.setdefault(sw.name, threading.Lock())
         with gate:  # one load per switch, however many batches want it
@@ -110,24 +115,19 @@ class Residency:
                 if self.on_load:
                     self.on_load(dt)
         with self._lock:
-            if self._order.get(sw.name) is sw:
-                self._order.move_to_end(sw.name)
-            else:
-                self._put(sw)
+            self._touch(sw)
 
     def _evict(self) -> None:
         """Unload least recently used switches until within budget. Lock held."""
-        total = self._total
-        if total <= self.budget:
+        if self._total <= self.budget:  # the common case: no list of every resident switch to make
             return
         for name in list(self._order):
-            if total <= self.budget:
+            if self._total <= self.budget:
                 return
             sw = self._order[name]
             if name in self.pinned or name in self._holds or sw.source is None:
                 continue
             self._drop(name)
-            total = self._total
             sw.mask = sw.pos = None
             self.evictions += 1
 
