@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import ROOT, md_table, summary, write
+from bench.common import ROOT, group_counts, md_table, summary, write
 from bench.scale import synth_bank
 
 
@@ -86,8 +86,7 @@ def main(argv=None) -> int:
                     t0 = time.perf_counter()
                     eng.router.weights(e_x)
                     knn[label].append(time.perf_counter() - t0)
-        mixes = {label: [len(w) for x in xs[:args.batches] for w in e.router.weights(e.embed(x))]
-                 for label, e in engines.items()}
+        mixes = {label: [len(w) for e_x in emb for w in e.router.weights(e_x)] for label, e in engines.items()}
     ref = times["plain forward"]
     rows, results = [], []
     for label, samples in times.items():
@@ -97,15 +96,14 @@ def main(argv=None) -> int:
         if label in engines:
             e = engines[label]
             (s0, r0), s1, c1, r1 = before[label], e.stats(), e.cache.stats(), e.resident.stats()
-            groups = (s1.groups_hot - s0.groups_hot) + (s1.groups_cold - s0.groups_cold)
-            nb = (s1.batches_cached + s1.batches_mixed + s1.batches_grouped
-                  - s0.batches_cached - s0.batches_mixed - s0.batches_grouped)
+            hot, cold, nb = group_counts(vars(s0), vars(s1))
+            groups = hot + cold
             item.update({"knn_ms": summary([1000 * s for s in knn[label]]),
                          "knn_vs_plain_forward": statistics.median(k / p for k, p in zip(knn[label], ref)),
                          "knn_vs_batch": statistics.median(k / b for k, b in zip(knn[label], samples)),
                          "switches_per_request": statistics.mean(mixes[label]),
                          "groups_per_batch": groups / max(1, nb),
-                         "groups_on_cached_weights": (s1.groups_hot - s0.groups_hot) / max(1, groups),
+                         "groups_on_cached_weights": hot / max(1, groups),
                          "cold_loads": r1.loads - r0.loads, "resident_switches": r1.resident,
                          "cache_bytes": c1.bytes, "cache_entries": c1.entries})
             row += [f"{item['switches_per_request']:.1f}", f"{item['groups_per_batch']:.1f}",

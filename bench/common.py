@@ -117,6 +117,15 @@ def write(name: str, payload: dict, markdown: str) -> Path:
     return base
 
 
+def group_counts(before: dict, after: dict) -> tuple[int, int, int]:
+    """From two of an engine's stats (EngineStats as a dict): the groups served on cached weights
+    and those merged just in time between them, and the batches."""
+    hot = after["groups_hot"] - before["groups_hot"]
+    cold = after["groups_cold"] - before["groups_cold"]
+    batches = sum(after[k] - before[k] for k in ("batches_cached", "batches_mixed", "batches_grouped"))
+    return hot, cold, batches
+
+
 def md_table(headers: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from bench.common import interleaved, md_table, paired, summary, sync, timeit, write
+from bench.common import group_counts, interleaved, md_table, paired, summary, sync, timeit, write
 from bench.workloads import WORKLOADS
 from switchbank.combine import dense_task_vector
 from switchbank.engine import Route
@@ -212,13 +212,12 @@ def bench_mixed(key: str, w, requests, batch: int, warmup: int, rounds: int, per
         if label in engines:
             e = engines[label]
             (s0, c0), s1, c1 = before[label], e.stats(), e.cache.stats()
-            groups = (s1.groups_hot - s0.groups_hot) + (s1.groups_cold - s0.groups_cold)
-            nb = (s1.batches_cached + s1.batches_mixed + s1.batches_grouped
-                  - s0.batches_cached - s0.batches_mixed - s0.batches_grouped)
+            hot, cold, nb = group_counts(vars(s0), vars(s1))
+            groups = hot + cold
             leases = (c1.hits - c0.hits) + (c1.misses - c0.misses)
             item.update({
                 "groups_per_batch": groups / max(1, nb),
-                "groups_on_cached_weights": (s1.groups_hot - s0.groups_hot) / max(1, groups),
+                "groups_on_cached_weights": hot / max(1, groups),
                 "cache_hit_rate": (c1.hits - c0.hits) / max(1, leases),
                 "cache_bytes": c1.bytes, "cache_entries": c1.entries, "cache_capacity": c1.capacity_bytes,
                 "materialised": c1.misses - c0.misses, "evictions": c1.evictions - c0.evictions,

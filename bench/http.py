@@ -21,7 +21,7 @@ import time
 
 import httpx
 
-from bench.common import ROOT, demo_traffic, free_port, md_table, start_server, wait_ready, write
+from bench.common import ROOT, demo_traffic, free_port, group_counts, md_table, start_server, wait_ready, write
 
 TOKEN = "bench-token"
 
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
                 lookups = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
                 r["cache_hit_rate"] = (after["hits"] - before["hits"]) / lookups if lookups else None
                 e0, e1 = before["engine"], after["engine"]
-                hot, cold = e1["groups_hot"] - e0["groups_hot"], e1["groups_cold"] - e0["groups_cold"]
-                batches = sum(e1[k] - e0[k] for k in ("batches_cached", "batches_mixed", "batches_grouped"))
+                hot, cold, batches = group_counts(e0, e1)
                 r["groups_per_batch"] = (hot + cold) / batches if batches else None
                 r["groups_on_cached_weights"] = hot / (hot + cold) if hot + cold else None
                 r["cache_bytes"] = after["bytes"]
