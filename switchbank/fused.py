@@ -36,8 +36,9 @@ _LOAD = threading.Lock()
 _KERNEL = None
 
 
-def _kernel():
-    """The kernel's module, imported on first use; Unsupported where numba cannot be imported."""
+def kernel():
+    """The kernels' module (merge_kernel), imported on first use; Unsupported where numba cannot be
+    imported."""
     global _KERNEL, AVAILABLE
     if _KERNEL is None:
         with _LOAD:
@@ -148,11 +149,11 @@ def merge_at(base_addr: np.ndarray, out_addr: np.ndarray, numel: np.ndarray, mas
     items = _items(numel)
     if not len(items):  # nothing but empty tensors
         return
-    kernel = _kernel()
-    threads = max(1, min(torch.get_num_threads(), kernel.numba.config.NUMBA_NUM_THREADS))
+    k = kernel()
+    threads = max(1, min(torch.get_num_threads(), k.numba.config.NUMBA_NUM_THREADS))
     with _LOCK:
-        kernel.numba.set_num_threads(threads)
-        kernel.merge(base_addr, out_addr, mask_addr, pos_addr, coef, items, _bounds(items, threads))
+        k.numba.set_num_threads(threads)
+        k.merge(base_addr, out_addr, mask_addr, pos_addr, coef, items, _bounds(items, threads))
 
 
 def warm_up() -> None:

@@ -1,6 +1,7 @@
-"""The fused merge kernel (fused.py), compiled by numba. Imported on first use rather than with
-the library: numba's import and the kernel's loading from its cache take about a second, which
-programs that never merge (the bank tools, a client) need not spend."""
+"""The fused merge kernel (fused.py) and the mixing of copies (mixed_ops.Copies), compiled by numba.
+Imported on first use rather than with the library: numba's import and the kernel's loading from its
+cache take about a second, which programs that never merge (the bank tools, a client) need not
+spend."""
 
 from __future__ import annotations
 
@@ -88,3 +89,35 @@ try:
     merge = njit(cache=True, **_OPTIONS)(_merge_py)
 except RuntimeError:  # no writable cache directory: compile in memory
     merge = njit(**_OPTIONS)(_merge_py)
+
+
+def _mix_py(data, pos, start, weight):
+    # request r's copies are rows pos[start[r]:start[r + 1]] of data, with those weights: each gets
+    # their weighted sum, a block of columns at a time so that the sum stays in L1
+    n = data.shape[1]
+    acc = np.empty(min(n, 4096), np.float32)
+    for r in range(start.shape[0] - 1):
+        a, b = start[r], start[r + 1]
+        for lo in range(0, n, 4096):
+            m = min(4096, n - lo)
+            row = data[pos[a], lo:lo + m]
+            w = weight[a]
+            for i in range(m):
+                acc[i] = w * row[i]
+            for j in range(a + 1, b):
+                row = data[pos[j], lo:lo + m]
+                w = weight[j]
+                for i in range(m):
+                    acc[i] += w * row[i]
+            for j in range(a, b):
+                row = data[pos[j], lo:lo + m]
+                for i in range(m):
+                    row[i] = acc[i]
+
+
+# one thread, so no launch from two Python threads can meet in numba's thread pool (see fused._LOCK)
+_MIX_OPTIONS = dict(boundscheck=False, error_model="numpy", nogil=True)
+try:
+    mix = njit(cache=True, **_MIX_OPTIONS)(_mix_py)
+except RuntimeError:
+    mix = njit(**_MIX_OPTIONS)(_mix_py)

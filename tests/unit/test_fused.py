@@ -125,3 +125,38 @@ def test_loading_the_kernels_leaves_scipy_linalg_unimported_and_importable():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_copies_mixed_by_the_kernel_as_by_the_product(monkeypatch):
+    """Copies mixed by the CPU kernel (merge_kernel.mix) get each request's weighted sum, as the
+    gather-product-scatter path gives it to within float32 rounding, every copy of a request the
+    same values, and every other row left as it was; tensors the kernel does not take (not
+    contiguous, not float32) go the other way and get the same."""
+    import dataclasses
+
+    from switchbank.mixed_ops import Copies
+
+    g = torch.Generator().manual_seed(3)
+    # rows of the batch: request 0 over rows 7, 1, 4; request 1 over 2 and 9; request 2 alone at 5
+    rows = [(7, 0, 0.5), (2, 1, 0.25), (1, 0, 0.3), (5, 2, 1.0), (9, 1, 0.75), (4, 0, 0.2)]
+    copies = Copies.of(rows, "cpu")
+    used = []
+    real = fused.kernel
+    monkeypatch.setattr(fused, "kernel", lambda: used.append(1) or real())
+    for shape in [(11, 5, 4099), (11, 3)]:  # columns past one 4,096 block, and a few
+        x = torch.randn(shape, generator=g)
+        got, want = copies.mix(x.clone()), dataclasses.replace(copies, grouped=None).mix(x.clone())
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        for req in range(3):
+            at = [p for p, r, _ in rows if r == req]
+            exact = sum(w * x[p].double() for p, r, w in rows if r == req)
+            torch.testing.assert_close(got[at[0]].double(), exact, rtol=1e-6, atol=1e-6)
+            assert all(torch.equal(got[p], got[at[0]]) for p in at)
+        others = [i for i in range(shape[0]) if i not in {p for p, _, _ in rows}]
+        assert torch.equal(got[others], x[others])
+    assert len(used) == 2
+    wide = torch.randn((11, 8, 6), generator=g)
+    for make in (lambda: wide.clone()[:, ::2], lambda: wide.to(torch.bfloat16)):  # not contiguous; not float32
+        got, want = copies.mix(make()), dataclasses.replace(copies, grouped=None).mix(make())
+        assert torch.equal(got, want)
+    assert len(used) == 2
