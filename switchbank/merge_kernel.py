@@ -84,22 +84,28 @@ def _block(base_addr, out_addr, mask_addr, pos_addr, coef, n_terms, i, e0, e1):
             out[e] = base[e]
 
 
-_OPTIONS = dict(parallel=True, boundscheck=False, error_model="numpy", nogil=True)
-try:
-    merge = njit(cache=True, **_OPTIONS)(_merge_py)
-except RuntimeError:  # no writable cache directory: compile in memory
-    merge = njit(**_OPTIONS)(_merge_py)
+def _compiled(fn, **options):
+    try:
+        return njit(cache=True, **options)(fn)
+    except RuntimeError:  # no writable cache directory: compile in memory
+        return njit(**options)(fn)
+
+
+merge = _compiled(_merge_py, parallel=True, boundscheck=False, error_model="numpy", nogil=True)
+
+
+MIX_BLOCK = 4096  # columns summed at a time: 16 KB of float32, which stays in L1
 
 
 def _mix_py(data, pos, start, weight):
     # request r's copies are rows pos[start[r]:start[r + 1]] of data, with those weights: each gets
-    # their weighted sum, a block of columns at a time so that the sum stays in L1
+    # their weighted sum, MIX_BLOCK columns at a time
     n = data.shape[1]
-    acc = np.empty(min(n, 4096), np.float32)
+    acc = np.empty(min(n, MIX_BLOCK), np.float32)
     for r in range(start.shape[0] - 1):
         a, b = start[r], start[r + 1]
-        for lo in range(0, n, 4096):
-            m = min(4096, n - lo)
+        for lo in range(0, n, MIX_BLOCK):
+            m = min(MIX_BLOCK, n - lo)
             row = data[pos[a], lo:lo + m]
             w = weight[a]
             for i in range(m):
@@ -116,8 +122,4 @@ def _mix_py(data, pos, start, weight):
 
 
 # one thread, so no launch from two Python threads can meet in numba's thread pool (see fused._LOCK)
-_MIX_OPTIONS = dict(boundscheck=False, error_model="numpy", nogil=True)
-try:
-    mix = njit(cache=True, **_MIX_OPTIONS)(_mix_py)
-except RuntimeError:
-    mix = njit(**_MIX_OPTIONS)(_mix_py)
+mix = _compiled(_mix_py, boundscheck=False, error_model="numpy", nogil=True)
