@@ -79,7 +79,8 @@ def _load(settings: Settings) -> tuple[Bank, Engine]:
                     mixed_forward=settings.mixed_forward,
                     scratch_bytes=settings.scratch_bytes, resident_bytes=settings.resident_bytes,
                     router_exact_max=settings.router_exact_max, router_nprobe=settings.router_nprobe,
-                    router_ready_exact=settings.router_ready_exact, head_bytes=settings.head_bytes)
+                    router_ready_exact=settings.router_ready_exact,
+                    router_device_bytes=settings.router_device_bytes, head_bytes=settings.head_bytes)
     engine.sync(bank)
     if settings.pinned:
         try:

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
         "at start-up, route a bank past the exact limit (up to 200,000 distinct query vectors) by exact search "
         "as soon as it is read, and build its IVF index in the background: ready sooner, slower Auto-Switch "
         "routing for the seconds that build takes. Off: ready once the IVF index is built"))
+    router_device_bytes: int = Field(2 << 30, ge=0, description=(
+        "where the backbone runs on a GPU, device memory for the router's exact index (float32 rows, "
+        "searched there in one product); up to what it holds Auto-Switch searches exactly on the GPU, beyond "
+        "that on the CPU as without a GPU. 0: the router stays on the CPU"))
     router_nprobe: int | None = Field(None, ge=1, le=4096, description=(
         "lists the approximate index searches per query. Unset: 16, or more on an index whose lists are "
         "small, so that a query scans at least about 9,000 vectors"))

@@ -31,7 +31,7 @@ from .heads import Heads
 from .hot import HotSet
 from .jit import DEFAULT_BUDGET, JitMerge
 from .resident import Residency
-from .routing import Router
+from .routing import DEVICE_BYTES, Router
 from .switchset import SwitchSet
 from .types import Combination, Switch
 
@@ -102,14 +102,19 @@ class Engine(SwitchSet):
                  hot_after: int = 2, hot_mix_after: int = 8, mixed_forward: bool = True,
                  scratch_bytes: int = DEFAULT_BUDGET, resident_bytes: int = 1 << 30,
                  router_exact_max: int | None = None, router_nprobe: int | None = None,
-                 router_ready_exact: bool = True, head_bytes: int = 128 << 20, warm: bool = True):
+                 router_ready_exact: bool = True, router_device_bytes: int = DEVICE_BYTES,
+                 head_bytes: int = 128 << 20, warm: bool = True):
         """``router_ready_exact``: the first sync routes a bank past the router's exact limit by
         exact search as soon as it is read, and builds its IVF index in the background
-        (routing.Router.load); off, the sync returns once the IVF index is built."""
+        (routing.Router.load); off, the sync returns once the IVF index is built.
+        ``router_device_bytes``: where the backbone is on an accelerator, the router's exact index
+        is held and scanned there up to this many bytes (0: on the CPU)."""
         super().__init__()
         self.router_ready_exact = router_ready_exact
         self.backbone = backbone
-        self.router = Router(backbone.embed_dim, k, router_metric, exact_max=router_exact_max, nprobe=router_nprobe)
+        self.router = Router(backbone.embed_dim, k, router_metric, exact_max=router_exact_max, nprobe=router_nprobe,
+                             device=None if backbone.device.type == "cpu" else backbone.device,
+                             device_bytes=router_device_bytes)
         self.resident = Residency(resident_bytes, backbone.device)
         self.heads = Heads(head_bytes, backbone.device)
         self.cache = DeltaCache(cache_bytes)

@@ -12,7 +12,9 @@ search over distinct vectors, expanded into examples, is exactly the search over
 
 The index (knn.py) is exact up to a limit of distinct vectors and an IVF index with exact
 re-ranking above, chosen when the index is built; by default the limit follows the scan this CPU
-makes fast (EXACT_MAX with a fast bfloat16 product, EXACT_MAX_FLOAT32 without). Tasks are added
+makes fast (EXACT_MAX with a fast bfloat16 product, EXACT_MAX_FLOAT32 without). A router given an
+accelerator (the backbone's) holds the exact index there instead (knn_device.py), up to what its
+budget of device bytes holds; past that, the IVF index on the CPU. Tasks are added
 and removed incrementally; when the index has grown or shrunk by half since it was built, crossed
 the limit, or (IVF) holds added vectors far from the ones its lists were trained on (knn.IVF.drift,
 knn.IVF.crowded), ``rebuild`` builds a new one in the background from the caller's source of
@@ -40,6 +42,7 @@ from .allocator import release_freed_memory
 from .errors import Incompatible, InvalidInput
 from .format import all_finite
 from .knn import IVF, Exact, alone, bf16_fast, ivf_lists, ivf_nprobe, one_thread, unit_rows
+from .knn_device import DeviceExact
 from .priority import lower_this_thread
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,9 @@ METRICS = ("l2", "cosine")
 # knn.ivf_nprobe), with 99.4-99.8% of the exact weights from 40,000 on; so the limit is 60,000.
 EXACT_MAX = 200_000
 EXACT_MAX_FLOAT32 = 60_000
+# Device memory for the exact index's float32 rows where the router has an accelerator: 2 GiB holds
+# 419,000 1280-d vectors (4,190 distinct switches of 100 examples), a million 512-d ones
+DEVICE_BYTES = 2 << 30
 TRAIN = 20_000  # vectors an IVF index is trained on
 # The first pass over a bank stops at TRAIN vectors where the distinct vectors it projects for the
 # whole bank (from the share of examples read, in random task order) reach EARLY times the exact
@@ -336,9 +342,11 @@ class Router:
     REPLAY_LOCKED = 8  # changes made during a rebuild that are replayed under the lock, with the swap
 
     def __init__(self, dim: int, k: int = 10, metric: str = "l2", *, exact_max: int | None = None,
-                 nprobe: int | None = None):
+                 nprobe: int | None = None, device: torch.device | str | None = None,
+                 device_bytes: int = DEVICE_BYTES):
         """``nprobe``: lists the IVF index searches per query; by default it follows the index's size
-        (knn.ivf_nprobe)."""
+        (knn.ivf_nprobe). ``device``: where the exact index is held and scanned (knn_device), up to
+        ``device_bytes`` of float32 rows; None (or no bytes): on the CPU."""
         if k < 1:
             raise InvalidInput(f"K must be at least 1, got {k}")
         if metric not in METRICS:
@@ -346,7 +354,9 @@ class Router:
         self.dim, self.k, self.metric = int(dim), int(k), metric
         self._exact_max = None if exact_max is None else int(exact_max)
         self.nprobe = None if nprobe is None else int(nprobe)
-        self._index: Exact | IVF = Exact(self.dim, metric == "cosine")
+        self.device = None if device is None or device_bytes <= 0 else torch.device(device)
+        self.device_bytes = int(device_bytes)
+        self._index: Exact | DeviceExact | IVF = self._exact(0)
         self._ex = _Examples()
         self._tid: dict[str, int] = {}
         self._names: dict[int, str] = {}
@@ -370,16 +380,34 @@ class Router:
         return self._index.kind
 
     def exact_limit(self) -> int:
-        """Distinct vectors searched exactly: the setting, or by default EXACT_MAX where a bfloat16
-        scan is fast and EXACT_MAX_FLOAT32 where not (knn.bf16_fast)."""
+        """Distinct vectors searched exactly: the setting, or by default what the device bytes hold
+        where the router has an accelerator, else EXACT_MAX where a bfloat16 scan is fast and
+        EXACT_MAX_FLOAT32 where not (knn.bf16_fast)."""
         if self._exact_max is not None:
             return self._exact_max
+        if self.device is not None:
+            return self._device_limit()
         return EXACT_MAX if bf16_fast() else EXACT_MAX_FLOAT32
+
+    def _device_limit(self) -> int:
+        return self.device_bytes // (4 * self.dim)
 
     def _exact_floor(self) -> int:
         """The least the exact limit can be, known without timing anything: an index of at most
         this many vectors is exact whatever the timing says."""
-        return self._exact_max if self._exact_max is not None else EXACT_MAX_FLOAT32
+        if self._exact_max is not None:
+            return self._exact_max
+        return self._device_limit() if self.device is not None else EXACT_MAX_FLOAT32
+
+    def _exact(self, capacity: int) -> Exact | DeviceExact:
+        """An empty exact index: on the router's device where it has one and can allocate there."""
+        if self.device is not None:
+            try:
+                return DeviceExact(self.dim, self.metric == "cosine", self.device, capacity)
+            except RuntimeError as exc:  # torch.cuda.OutOfMemoryError is one
+                log.warning("router: cannot hold its index on %s (%s); searching on the CPU", self.device, exc)
+                self.device = None
+        return Exact(self.dim, self.metric == "cosine", capacity=capacity)
 
     def prepare(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
         """float32 rows as the index holds them (unit length for the cosine metric)."""
@@ -532,8 +560,11 @@ class Router:
         order = [names[i] for i in np.random.default_rng(0).permutation(len(names))]
         examples = sum(counts.values())
         floor = self._exact_floor()
-        cap = self._exact_max if self._exact_max is not None else EXACT_MAX
-        state = (Exact(self.dim, ip, capacity=min(examples, cap + 1)), _Examples(), {}, {})
+        if self._exact_max is not None:
+            cap = self._exact_max
+        else:
+            cap = self._device_limit() if self.device is not None else EXACT_MAX
+        state = (self._exact(min(examples, cap + 1)), _Examples(), {}, {})
         for task, rows, keyed in self._prepared(source(order)):
             self._insert(state, task, rows, keyed)
             n = state[0].ntotal
@@ -589,7 +620,7 @@ class Router:
 
     def needs_rebuild(self) -> bool:
         n = self._index.ntotal
-        if isinstance(self._index, Exact):
+        if isinstance(self._index, (Exact, DeviceExact)):
             return n > self._exact_floor() and n > self.exact_limit()
         built = self._index.built_on
         return (n < self.exact_limit() // 2 or n > 2 * built or n < built // 2
@@ -666,7 +697,7 @@ class Router:
         out = {"kind": idx.kind, "examples": self._ex.count, "distinct_vectors": idx.ntotal, "tasks": len(self._tid),
                "bytes": idx.nbytes(), "metric": self.metric, "k": self.k, "rebuilds": self.rebuilds,
                "rebuilding": self._rebuilding is not None}
-        if isinstance(idx, Exact):
+        if isinstance(idx, (Exact, DeviceExact)):
             out.update(scan=idx.scanning)
         if isinstance(idx, IVF):
             out.update(nlist=idx.nlist, nprobe=idx.index.nprobe, candidates=idx.candidates,
