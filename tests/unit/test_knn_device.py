@@ -102,3 +102,39 @@ def test_a_device_without_the_memory_leaves_the_router_on_the_cpu(monkeypatch, c
     assert r.device is None and isinstance(r._index, Exact)
     assert "searching on the CPU" in caplog.text
     assert sum(r.counts(data["t0"][:1])[0].values()) == 3
+
+
+def test_a_device_that_runs_out_of_memory_as_the_table_grows_moves_the_index_to_the_cpu(monkeypatch):
+    """A growth the device has no room for moves every vector to the CPU's exact index, which then
+    answers as the device did (and takes the add that did not fit)."""
+    monkeypatch.setattr(knn_device, "FIRST_ROWS", 32)
+    monkeypatch.setattr(knn_device, "MOVE_ROWS", 10)  # moved in several blocks
+    g = np.random.default_rng(8)
+    rows = g.normal(size=(100, 6)).astype(np.float32)
+    dev, ref = _both(False, 6)
+    dev.add(np.arange(30), rows[:30])
+    ref.add(np.arange(30), rows[:30])
+    dev.remove([4])
+    ref.remove([4])
+    q = g.normal(size=(5, 6)).astype(np.float32)
+    on_device = dev.search(q, 7)
+    real = DeviceExact._table
+
+    def no_room(self, n):
+        if n > 32:
+            raise torch.OutOfMemoryError("out of memory")
+        return real(self, n)
+    monkeypatch.setattr(DeviceExact, "_table", no_room)
+    dev.add(np.arange(30, 100), rows[30:])
+    ref.add(np.arange(30, 100), rows[30:])
+    assert dev.cpu is not None and dev.rows is None and "moved from cpu" in dev.scanning
+    assert dev.ntotal == ref.ntotal == 99
+    d, i = dev.search(q, 7)
+    d_ref, i_ref = ref.search(q, 7)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-5)
+    assert not np.isin(4, i)
+    dev.remove([40])
+    assert dev.ntotal == 98 and 40 not in dev.search(rows[40:41], 3)[1]
+    # the 29 vectors held before the move answer as they did on the device, beside the new ones
+    assert set(on_device[1].ravel()) <= set(range(30))
