@@ -7,7 +7,8 @@ The bank's query vectors are made as `bench.scale` makes its distinct banks (swi
 switch i mod 6's query embeddings moved by a random offset of half their typical norm; the first six
 are not moved). For each index it measures the build time, the k-NN time for a batch of 16 held-out
 demo images (median of 20 batches), and on how many of the held-out images the routing weights equal
-those of a float32 exact search. The graph index is faiss's HNSW (M 32) followed by the same exact re-ranking of 64
+those of a float32 exact search. Where torch sees a GPU, the exact index a GPU server's router holds
+(float32 rows scanned on the GPU, switchbank/knn_device.py) is measured too. The graph index is faiss's HNSW (M 32) followed by the same exact re-ranking of 64
 candidates that the router's IVF path uses. The product-quantised index is faiss's IVF with 4-bit fast-scan PQ
 codes (a sub-quantiser per 4 dimensions: 160 bytes per 1280-d vector, against 1,280 for the router's IVF-SQ8),
 whose ``--pq-candidates`` best are re-ranked exactly, a query at a time. Neither is used by the router; they are
@@ -118,6 +119,10 @@ def main(argv=None) -> int:
     stats = served.stats()
     record(f"the router's default: {stats['kind']}" + (f", {stats['scan']} scan" if "scan" in stats else ""),
            build, served.counts, agreement(served.counts(emb)))
+    if torch.cuda.is_available():  # the index a GPU server's router holds (knn_device)
+        on_gpu, build = built(device="cuda")
+        record(f"exact on the GPU, {on_gpu.stats()['scan']} scan", build, on_gpu.counts, agreement(on_gpu.counts(emb)))
+        del on_gpu
     ivf, build = built(exact_max=20_000)
     default = ivf._index.index.nprobe
     for p in sorted({int(p) for p in args.nprobe.split(",") if p} | {default}):
