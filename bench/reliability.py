@@ -4,7 +4,9 @@
     python -m bench.reliability overload
     python -m bench.reliability soak --seconds 180
     python -m bench.reliability limits       # peak memory of the worst images; slow and idle clients
-    python -m bench.reliability all          # all four, then bench/results/reliability.md
+    python -m bench.reliability all          # all four
+
+Each writes its part of bench/results/reliability.{json,md}, keeping the others' latest results.
 
 Runs on a copy of the demo bank. Every load loop is bounded in requests and seconds.
 """
@@ -176,6 +178,11 @@ def soak(seconds: float = 180, concurrency: int = 8) -> dict:
     key = lambda r: (r["head"], r["weights"], [x["label"] for x in r["predictions"]])  # noqa: E731
     p = psutil.Process(proc.pid)
     rss = [p.memory_info().rss]
+
+    def cache_bytes() -> int:
+        return httpx.get(f"{url}/v1/admin/cache", headers=AUTH).json()["bytes"]
+
+    cached = [cache_bytes()]  # beside each memory sample: how much of the drift is the cache filling
     counts = {"requests": 0, "mismatches": 0, "errors": 0, "uploads": 0, "deletes": 0}
     stop = time.time() + seconds
 
@@ -189,7 +196,8 @@ def soak(seconds: float = 180, concurrency: int = 8) -> dict:
                         counts["deletes"] += 1
                 else:
                     c.post("/v1/admin/switches", params={"replace": "true"}, files={"file": ("s", rng.choice(versions[name]))})
-                    c.post("/v1/predict", files={"image": ("i.png", reqs[0][0])}, data={"task": name})  # use it: fills the cache
+                    for _ in range(2):  # used in two batches: its merged weights are cached (SWITCHBANK_HOT_AFTER)
+                        c.post("/v1/predict", files={"image": ("i.png", reqs[0][0])}, data={"task": name})
                     counts["uploads"] += 1
                 time.sleep(0.5)
 
@@ -215,6 +223,7 @@ def soak(seconds: float = 180, concurrency: int = 8) -> dict:
     def sample():
         while not sampler_stop.wait(5):
             rss.append(p.memory_info().rss)
+            cached.append(cache_bytes())
 
     s = threading.Thread(target=sample)
     s.start()
@@ -222,6 +231,9 @@ def soak(seconds: float = 180, concurrency: int = 8) -> dict:
     t.join()
     sampler_stop.set()
     s.join()
+    def of_uploaded(stats) -> int:
+        return sum(stats["switches"].get(n, {}).get("cached_combinations", 0) for n in versions)
+
     cache = httpx.get(f"{url}/v1/admin/cache", headers=AUTH).json()
     for name in versions:  # delete everything uploaded: its cached merges must go
         httpx.delete(f"{url}/v1/admin/switches/{name}", headers=AUTH)
@@ -230,10 +242,15 @@ def soak(seconds: float = 180, concurrency: int = 8) -> dict:
     proc.terminate()
     proc.wait(30)
     shutil.rmtree(bank.parent)
-    third = max(1, len(rss) // 3)
-    early, late = sum(rss[:third]) / third, sum(rss[-third:]) / third
+    assert of_uploaded(cache_after) == 0, "merges of deleted switches must leave the cache"
+
+    def drift(samples) -> float:
+        third = max(1, len(samples) // 3)
+        return (sum(samples[-third:]) - sum(samples[:third])) / third / 1e6
+
     return {**counts, "seconds": seconds, "rss_start_mb": rss[0] / 1e6, "rss_end_mb": rss[-1] / 1e6,
-            "rss_drift_mb": (late - early) / 1e6, "cache_bytes_during": cache["bytes"],
+            "rss_drift_mb": drift(rss), "cache_drift_mb": drift(cached), "cache_bytes_during": cache["bytes"],
+            "cached_of_uploaded": of_uploaded(cache),
             "cache_bytes_after_deletes": cache_after["bytes"], "cache_entries_after_deletes": cache_after["entries"]}
 
 
@@ -395,10 +412,11 @@ def report(results: dict) -> None:
                   f"deletes: {s['requests']} requests, {s['errors']} errors (5xx or otherwise), {s['mismatches']} answers "
                   f"that differed from the same request served alone. Resident memory {s['rss_start_mb']:.0f} MB at start, "
                   f"{s['rss_end_mb']:.0f} MB at the end, drift {s['rss_drift_mb']:+.1f} MB (mean of the last third of "
-                  f"samples minus the first third). Cache bytes {s['cache_bytes_during']:,} at the end of the soak, "
-                  f"{s['cache_bytes_after_deletes']:,} ({s['cache_entries_after_deletes']} combinations) after deleting the "
-                  "uploaded switches: every cached merge that used them was dropped; what remains are merges of the "
-                  "six demo switches that Auto-Switch traffic used.", "",
+                  f"samples minus the first third), of which the cache of merged weights, filling as combinations "
+                  f"turn hot, {s['cache_drift_mb']:+.1f} MB. Cache bytes {s['cache_bytes_during']:,} at the end of the soak, "
+                  f"{s['cached_of_uploaded']} cached combinations using the uploaded switches; "
+                  f"{s['cache_bytes_after_deletes']:,} ({s['cache_entries_after_deletes']} combinations) after deleting "
+                  "them, none of which uses them: what remains are merges of the six demo switches that the traffic used.", "",
                   f"Reproduce: `python -m bench.reliability soak --seconds {s['seconds']:.0f}`", ""]
     if "limits" in results:
         li = results["limits"]
@@ -440,8 +458,10 @@ def main(argv=None) -> int:
     if args.what in ("limits", "all"):
         results["limits"] = limits()
         print("limits:", results["limits"], flush=True)
-    if args.what == "all":
-        report(results)
+    if args.what != "all":  # one part: the others' latest results stay in the report
+        path = RESULTS / "reliability.json"
+        results = {**(json.loads(path.read_text()) if path.is_file() else {}), **results}
+    report(results)
     return 0
 
 
