@@ -71,3 +71,20 @@ def test_compose_file():
     assert svc["env_file"] == ["admin-token.env"] and "bank" in doc["volumes"]
     assert "/readyz" in " ".join(svc["healthcheck"]["test"])
     assert int(svc["stop_grace_period"].rstrip("s")) > int(svc["environment"]["SWITCHBANK_DRAIN_SECONDS"])
+
+
+def test_every_setting_the_deployment_files_give_is_one_the_server_reads():
+    """The server ignores unknown SWITCHBANK_ variables, so a misspelt one in a deployment file
+    would be dropped without a word; every one named there must be a setting, with a valid value."""
+    from app.settings import Settings
+
+    given: dict[str, str] = {}
+    for name in ("deployment.yaml", "deployment-gpu.yaml"):
+        c = yaml.safe_load((K8S / name).read_text())["spec"]["template"]["spec"]["containers"][0]
+        given.update({e["name"]: e["value"] for e in c["env"] if "value" in e})
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    given.update(compose["services"]["switchbank"]["environment"])
+    fields = {f"SWITCHBANK_{n.upper()}" for n in Settings.model_fields}
+    assert given and set(given) <= fields, set(given) - fields
+    for name, value in given.items():  # each value as the server would read it
+        Settings(**{name.removeprefix("SWITCHBANK_").lower(): value})
