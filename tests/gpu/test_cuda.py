@@ -1,0 +1,118 @@
+"""The GPU paths, where torch sees a CUDA device: the one-pass mixed forward at fp32, fp16 and
+bf16, the engine's mixed batches, and the router's exact index on the GPU, each against the same
+computation served alone or on the CPU. Machines without CUDA (CI) skip this module; on a GPU
+machine, ``bash scripts/gpu-check.sh`` runs it with the GPU benchmarks."""
+
+import numpy as np
+import pytest
+import torch
+import faiss  # noqa: F401,E402  (after torch, as switchbank.knn imports them)
+
+from switchbank import mixed
+from switchbank.backbone import DEMO_ARCH, load_backbone
+from switchbank.bank import Bank
+from switchbank.engine import Engine
+from switchbank.knn import Exact
+from switchbank.knn_device import DeviceExact
+from switchbank.routing import Router
+from tests.helpers import ROOT_DEMO_BANK
+from tests.integration.test_mixed import check_engine, close, images, routes_for
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def perturbed(params: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * v.abs().mean() * torch.randn(v.shape, generator=g).to(v.device, v.dtype)
+            for k, v in params.items()}
+
+
+def one_pass(b, spans, variants):
+    tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
+    assert tower is not None, why
+    x = images(spans[-1][1], b.probe().shape[-1], seed=1)
+    groups = mixed.Groups(spans, lambda g, names: tuple(variants[g][n] if n else None for n in names), b.device)
+    with torch.inference_mode():
+        return x, b.forward_mixed(x, tower, groups)
+
+
+@pytest.mark.parametrize("arch", ["switchbank-tiny-vit", DEMO_ARCH, "ViT-B-32"])
+def test_mixed_forward_on_cuda_equals_groups_alone(arch):
+    b = load_backbone(arch, device="cuda")
+    spans = [(0, 1), (1, 4), (4, 6), (6, 7)]
+    variants = [perturbed(b.params, s) for s in range(4)]
+    x, got = one_pass(b, spans, variants)
+    assert got.device.type == "cuda"
+    with torch.inference_mode():
+        for g, (s, e) in enumerate(spans):
+            close(got[s:e], b.forward(x[s:e], variants[g]))
+
+
+@pytest.mark.parametrize("arch", ["switchbank-tiny-vit", DEMO_ARCH])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_on_cuda_runs_one_pass_as_accurately_as_alone(arch, dtype):
+    wide = load_backbone(arch, device="cuda")
+    b = load_backbone(arch, device="cuda", dtype=dtype)
+    spans = [(0, 1), (1, 3), (3, 5)]
+    wide_variants = [wide.params, perturbed(wide.params, 3), perturbed(wide.params, 5)]
+    variants = [{k: t.to(b.dtype) for k, t in v.items()} for v in wide_variants]
+    x, got = one_pass(b, spans, variants)
+    worst_alone = worst_mixed = 0.0
+    with torch.inference_mode():
+        for g, (s, e) in enumerate(spans):
+            want = wide.forward(x[s:e], wide_variants[g]).float()
+            span = float(want.max() - want.min())
+            alone = b.forward(x[s:e], variants[g]).float()
+            worst_alone = max(worst_alone, float((alone - want).abs().max()) / span)
+            worst_mixed = max(worst_mixed, float((got[s:e].float() - want).abs().max()) / span)
+    assert worst_mixed <= 3 * worst_alone + 1e-6, (worst_mixed, worst_alone)
+
+
+def test_engine_on_cuda_serves_named_weighted_and_auto_rows_as_alone_and_routes_on_the_gpu():
+    from demo.tasks import LOADERS, load
+    b = load_backbone(DEMO_ARCH, device="cuda")
+    eng = Engine(b, k=10, cache_bytes=256 << 20, router_metric="cosine")
+    for sw in Bank(ROOT_DEMO_BANK).load_all()[1].values():
+        eng.add(sw)
+    assert eng.router.stats()["scan"].startswith("float32 on cuda")
+    x = torch.stack([b.preprocess(load(name).test[i]) for i in range(2) for name in LOADERS][:11])
+    check_engine(eng, x, routes_for(sorted(eng.switches)))
+    assert eng.stats().mixed_forward and eng.stats().batches_mixed > 0
+
+
+@pytest.mark.parametrize("ip", [False, True])
+def test_device_index_on_cuda_finds_what_the_cpu_float32_scan_finds(ip):
+    g = np.random.default_rng(0)
+    dim = 1280
+    dev, ref = DeviceExact(dim, ip, "cuda"), Exact(dim, ip, scan="float32")
+    for step in range(3):
+        ids = np.arange(step * 5000, (step + 1) * 5000)
+        rows = g.normal(size=(5000, dim)).astype(np.float32)
+        if ip:
+            rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        dev.add(ids, rows)
+        ref.add(ids, rows)
+    gone = g.choice(15000, size=500, replace=False)
+    dev.remove(gone)
+    ref.remove(gone)
+    q = g.normal(size=(16, dim)).astype(np.float32)
+    if ip:
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    d, i = dev.search(q, 20)
+    d_ref, i_ref = ref.search(q, 20)
+    np.testing.assert_array_equal(i, i_ref)
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_router_on_cuda_routes_as_the_cpu_router():
+    g = np.random.default_rng(1)
+    centres = g.normal(size=(40, 64)).astype(np.float32)
+    data = {f"t{i}": centres[i] + 0.3 * g.normal(size=(50, 64)).astype(np.float32) for i in range(40)}
+    counts = {t: len(v) for t, v in data.items()}
+    source = lambda names: ((t, data[t]) for t in (names if names is not None else sorted(data)))  # noqa: E731
+    cpu, gpu = Router(64, 10, "cosine"), Router(64, 10, "cosine", device="cuda")
+    for r in (cpu, gpu):
+        r.load(source, counts)
+    assert gpu.stats()["scan"].startswith("float32 on cuda")
+    queries = np.repeat(centres, 4, axis=0) + 0.3 * g.normal(size=(160, 64)).astype(np.float32)
+    assert gpu.counts(torch.from_numpy(queries).cuda()) == cpu.counts(queries)
