@@ -88,6 +88,18 @@ def unit_rows(x: np.ndarray | None, norms: np.ndarray | None, half: np.ndarray |
     return t.div_(scale.unsqueeze(1)).numpy(), scale.numpy()
 
 
+def take_slots(slot: dict[int, int], free: list[int], used: int, fresh: list[int]) -> int:
+    """Give each id of ``fresh`` a slot in ``slot``: a freed one, else the next never handed out;
+    returns how many slots have now been handed out."""
+    for i in fresh:
+        if free:
+            slot[i] = free.pop()
+        else:
+            slot[i] = used
+            used += 1
+    return used
+
+
 def kmeans(x: torch.Tensor, k: int, niter: int, spherical: bool, seed: int = 1234) -> torch.Tensor:
     """k centres for rows ``x`` by Lloyd's iterations, as faiss's Clustering makes them (k of the
     rows drawn at random to start; an emptied centre takes a copy of the largest cluster's, moved
@@ -351,12 +363,7 @@ class Exact:
         fresh = [i for i in listed if i not in self.slot]
         self._grow(self.used + max(0, len(fresh) - len(self.free)))
         first = self.used
-        for i in fresh:
-            if self.free:
-                self.slot[i] = self.free.pop()
-            else:
-                self.slot[i] = self.used
-                self.used += 1
+        self.used = take_slots(self.slot, self.free, self.used, fresh)
         if len(fresh) == len(listed) == self.used - first:  # new slots in a row: the common case
             at = slice(first, self.used)
             slots = range(first, self.used)

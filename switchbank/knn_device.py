@@ -23,7 +23,7 @@ import logging
 import numpy as np
 import torch
 
-from .knn import Exact, unit_rows
+from .knn import Exact, take_slots, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,7 @@ class DeviceExact:
         fresh = [i for i in listed if i not in self.slot]
         if not self._grow(self.used + max(0, len(fresh) - len(self.free))):
             return self.cpu.add(ids, x)
-        for i in fresh:
-            if self.free:
-                self.slot[i] = self.free.pop()
-            else:
-                self.slot[i] = self.used
-                self.used += 1
+        self.used = take_slots(self.slot, self.free, self.used, fresh)
         slots = torch.tensor([self.slot[i] for i in listed], dtype=torch.int64)
         rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         at = slots.to(self.device)

@@ -16,15 +16,9 @@ from switchbank.knn import Exact
 from switchbank.knn_device import DeviceExact
 from switchbank.routing import Router
 from tests.helpers import ROOT_DEMO_BANK
-from tests.integration.test_mixed import check_engine, close, images, routes_for
+from tests.integration.test_mixed import check_engine, close, half_precision_errors, images, perturbed, routes_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-def perturbed(params: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + scale * v.abs().mean() * torch.randn(v.shape, generator=g).to(v.device, v.dtype)
-            for k, v in params.items()}
 
 
 def one_pass(b, spans, variants):
@@ -51,20 +45,7 @@ def test_mixed_forward_on_cuda_equals_groups_alone(arch):
 @pytest.mark.parametrize("arch", ["switchbank-tiny-vit", DEMO_ARCH])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_on_cuda_runs_one_pass_as_accurately_as_alone(arch, dtype):
-    wide = load_backbone(arch, device="cuda")
-    b = load_backbone(arch, device="cuda", dtype=dtype)
-    spans = [(0, 1), (1, 3), (3, 5)]
-    wide_variants = [wide.params, perturbed(wide.params, 3), perturbed(wide.params, 5)]
-    variants = [{k: t.to(b.dtype) for k, t in v.items()} for v in wide_variants]
-    x, got = one_pass(b, spans, variants)
-    worst_alone = worst_mixed = 0.0
-    with torch.inference_mode():
-        for g, (s, e) in enumerate(spans):
-            want = wide.forward(x[s:e], wide_variants[g]).float()
-            span = float(want.max() - want.min())
-            alone = b.forward(x[s:e], variants[g]).float()
-            worst_alone = max(worst_alone, float((alone - want).abs().max()) / span)
-            worst_mixed = max(worst_mixed, float((got[s:e].float() - want).abs().max()) / span)
+    worst_mixed, worst_alone = half_precision_errors(arch, dtype, "cuda")
     assert worst_mixed <= 3 * worst_alone + 1e-6, (worst_mixed, worst_alone)
 
 

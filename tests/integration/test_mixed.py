@@ -31,7 +31,8 @@ def images(n: int, size: int, seed: int) -> torch.Tensor:
 
 def perturbed(params: dict[str, torch.Tensor], seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {k: v + scale * v.abs().mean() * torch.randn(v.shape, generator=g).to(v.dtype) for k, v in params.items()}
+    return {k: v + scale * v.abs().mean() * torch.randn(v.shape, generator=g).to(v.device, v.dtype)
+            for k, v in params.items()}
 
 
 def check_tower(backbone, groups_of: list[int], variants: list[dict]) -> None:
@@ -171,8 +172,15 @@ def test_bfloat16_tower():
 def test_half_precision_towers_run_one_pass_as_accurately_as_alone(arch, dtype):
     """At fp16 and bf16 the one-pass forward (convolutions' norms folded at that precision) is as
     far from the fp32 answer as each group run alone at that precision is, within a factor of 3."""
-    wide = load_backbone(arch, device="cpu")
-    b = load_backbone(arch, device="cpu", dtype=dtype)
+    worst_mixed, worst_alone = half_precision_errors(arch, dtype, "cpu")
+    assert worst_mixed <= 3 * worst_alone, (worst_mixed, worst_alone)
+
+
+def half_precision_errors(arch: str, dtype: str, device: str) -> tuple[float, float]:
+    """The largest error, relative to the fp32 answer's range, of the one-pass forward at ``dtype``
+    and of each group run alone at ``dtype``."""
+    wide = load_backbone(arch, device=device)
+    b = load_backbone(arch, device=device, dtype=dtype)
     tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
     assert tower is not None, why
     spans = [(0, 1), (1, 3), (3, 5)]
@@ -180,7 +188,8 @@ def test_half_precision_towers_run_one_pass_as_accurately_as_alone(arch, dtype):
     variants = [{k: t.to(b.dtype) for k, t in v.items()} for v in wide_variants]
     x = images(5, b.probe().shape[-1], seed=2)
     with torch.inference_mode():
-        got = b.forward_mixed(x, tower, mixed.Groups(spans, lambda g, n: tuple(variants[g][k] if k else None for k in n)))
+        groups = mixed.Groups(spans, lambda g, n: tuple(variants[g][k] if k else None for k in n), b.device)
+        got = b.forward_mixed(x, tower, groups)
         worst_alone = worst_mixed = 0.0
         for g, (s, e) in enumerate(spans):
             want = wide.forward(x[s:e], wide_variants[g]).float()
@@ -188,7 +197,7 @@ def test_half_precision_towers_run_one_pass_as_accurately_as_alone(arch, dtype):
             alone = b.forward(x[s:e], variants[g]).float()
             worst_alone = max(worst_alone, float((alone - want).abs().max()) / span)
             worst_mixed = max(worst_mixed, float((got[s:e].float() - want).abs().max()) / span)
-    assert worst_mixed <= 3 * worst_alone, (worst_mixed, worst_alone)
+    return worst_mixed, worst_alone
 
 
 def test_unsupported_module_is_refused_with_its_parameters():
