@@ -16,7 +16,7 @@ from switchbank.knn import Exact
 from switchbank.knn_device import DeviceExact
 from switchbank.routing import Router
 from tests.helpers import ROOT_DEMO_BANK
-from tests.integration.test_mixed import check_engine, close, half_precision_errors, images, perturbed, routes_for
+from tests.integration.test_mixed import close, half_precision_errors, images, perturbed, routes_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -49,16 +49,27 @@ def test_half_precision_on_cuda_runs_one_pass_as_accurately_as_alone(arch, dtype
     assert worst_mixed <= 3 * worst_alone + 1e-6, (worst_mixed, worst_alone)
 
 
-def test_engine_on_cuda_serves_named_weighted_and_auto_rows_as_alone_and_routes_on_the_gpu():
+def test_engine_on_cuda_serves_named_weighted_and_auto_rows_as_the_cpu_engine():
+    """Named, weighted (up to five switches, sums of 1 and not) and Auto-Switch rows in the same
+    batches, cold and then cached, on the GPU against the CPU engine (whose rows the CPU tests hold
+    to each request served alone on its merged weights); the router on the GPU."""
     from demo.tasks import LOADERS, load
-    b = load_backbone(DEMO_ARCH, device="cuda")
-    eng = Engine(b, k=10, cache_bytes=256 << 20, router_metric="cosine")
-    for sw in Bank(ROOT_DEMO_BANK).load_all()[1].values():
-        eng.add(sw)
-    assert eng.router.stats()["scan"].startswith("float32 on cuda")
-    x = torch.stack([b.preprocess(load(name).test[i]) for i in range(2) for name in LOADERS][:11])
-    check_engine(eng, x, routes_for(sorted(eng.switches)))
-    assert eng.stats().mixed_forward and eng.stats().batches_mixed > 0
+    engines = []
+    for device in ("cpu", "cuda"):
+        b = load_backbone(DEMO_ARCH, device=device)
+        eng = Engine(b, k=10, cache_bytes=256 << 20, router_metric="cosine")
+        for sw in Bank(ROOT_DEMO_BANK).load_all()[1].values():
+            eng.add(sw)
+        engines.append(eng)
+    cpu, gpu = engines
+    assert gpu.router.stats()["scan"].startswith("float32 on cuda")
+    x = torch.stack([cpu.backbone.preprocess(load(name).test[i]) for i in range(2) for name in LOADERS][:11])
+    routes = routes_for(sorted(cpu.switches))
+    for _ in range(3):  # cold, then cached as combinations turn hot
+        for want, got in zip(cpu.run(x, routes), gpu.run(x, routes)):
+            assert (got.head, got.weights) == (want.head, want.weights)
+            close(got.logits.cpu(), want.logits.cpu())
+    assert gpu.stats().mixed_forward and gpu.stats().batches_mixed > 0
 
 
 @pytest.mark.parametrize("ip", [False, True])
