@@ -12,11 +12,10 @@ from switchbank import mixed
 from switchbank.backbone import DEMO_ARCH, load_backbone
 from switchbank.bank import Bank
 from switchbank.engine import Engine
-from switchbank.knn import Exact
-from switchbank.knn_device import DeviceExact
 from switchbank.routing import Router
 from tests.helpers import ROOT_DEMO_BANK
 from tests.integration.test_mixed import close, half_precision_errors, images, perturbed, routes_for
+from tests.unit.test_knn_device import check_against_float32_scan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -74,26 +73,7 @@ def test_engine_on_cuda_serves_named_weighted_and_auto_rows_as_the_cpu_engine():
 
 @pytest.mark.parametrize("ip", [False, True])
 def test_device_index_on_cuda_finds_what_the_cpu_float32_scan_finds(ip):
-    g = np.random.default_rng(0)
-    dim = 1280
-    dev, ref = DeviceExact(dim, ip, "cuda"), Exact(dim, ip, scan="float32")
-    for step in range(3):
-        ids = np.arange(step * 5000, (step + 1) * 5000)
-        rows = g.normal(size=(5000, dim)).astype(np.float32)
-        if ip:
-            rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-        dev.add(ids, rows)
-        ref.add(ids, rows)
-    gone = g.choice(15000, size=500, replace=False)
-    dev.remove(gone)
-    ref.remove(gone)
-    q = g.normal(size=(16, dim)).astype(np.float32)
-    if ip:
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-    d, i = dev.search(q, 20)
-    d_ref, i_ref = ref.search(q, 20)
-    np.testing.assert_array_equal(i, i_ref)
-    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-4)
+    check_against_float32_scan("cuda", ip, dim=1280, steps=3, rows=(4000, 6000), queries=16, m=20, atol=1e-4)
 
 
 def test_router_on_cuda_routes_as_the_cpu_router():

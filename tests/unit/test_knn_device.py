@@ -16,44 +16,45 @@ from switchbank.routing import Router
 from .test_routing import clusters, source_of
 
 
-def _both(ip: bool, dim: int):
-    return DeviceExact(dim, ip, "cpu"), Exact(dim, ip, scan="float32")
-
-
 @pytest.mark.parametrize("ip", [False, True])
 def test_device_index_finds_what_the_float32_scan_finds(ip, monkeypatch):
     """Adds in batches (float16 rows with norms, as the cosine router gives them, or float32
     rows), removals, slots reused and a table that grows: the same neighbours at the same
     distances as the CPU's float32 scan."""
     monkeypatch.setattr(knn_device, "FIRST_ROWS", 16)  # grows several times
+    check_against_float32_scan("cpu", ip, dim=24, steps=6, rows=(20, 200), queries=9, m=12, atol=1e-5)
+
+
+def check_against_float32_scan(device: str, ip: bool, dim: int, steps: int, rows: tuple[int, int], queries: int,
+                               m: int, atol: float) -> None:
+    """A device index and the CPU's float32 scan given the same adds (``steps`` batches of a size
+    drawn from ``rows``) and removals: the same ``m`` nearest, at the same distances."""
     g = np.random.default_rng(3)
-    dim = 24
-    dev, ref = _both(ip, dim)
+    dev, ref = DeviceExact(dim, ip, device), Exact(dim, ip, scan="float32")
     next_id = 0
-    for step in range(6):
-        n = int(g.integers(20, 200))
+    for step in range(steps):
+        n = int(g.integers(*rows))
         ids = np.arange(next_id, next_id + n)
         next_id += n
-        rows = g.normal(size=(n, dim)).astype(np.float16 if ip else np.float32)
+        x = g.normal(size=(n, dim)).astype(np.float16 if ip else np.float32)
         if ip:  # left for the index to make, from float16 rows
-            dev.add(ids, None, None, rows)
-            ref.add(ids, None, None, rows)
+            dev.add(ids, None, None, x)
+            ref.add(ids, None, None, x)
         else:
-            dev.add(ids, rows)
-            ref.add(ids, rows)
+            dev.add(ids, x)
+            ref.add(ids, x)
         gone = g.choice(next_id, size=15, replace=False)
         dev.remove(gone)
         ref.remove(gone)
     assert dev.ntotal == ref.ntotal and dev.free  # freed slots, some of them reused
-    q = g.normal(size=(9, dim)).astype(np.float32)
+    q = g.normal(size=(queries, dim)).astype(np.float32)
     if ip:
         q /= np.linalg.norm(q, axis=1, keepdims=True)
-    d, i = dev.search(q, 12)
-    d_ref, i_ref = ref.search(q, 12)
+    d, i = dev.search(q, m)
+    d_ref, i_ref = ref.search(q, m)
     np.testing.assert_array_equal(i, i_ref)
-    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=1e-5)
-    held = set(dev.slot)
-    assert set(i.ravel().tolist()) <= held
+    np.testing.assert_allclose(d, d_ref, rtol=1e-5, atol=atol)
+    assert set(i.ravel().tolist()) <= set(dev.slot)
 
 
 def test_removed_vectors_are_never_found_and_slots_are_reused():
@@ -111,7 +112,7 @@ def test_a_device_that_runs_out_of_memory_as_the_table_grows_moves_the_index_to_
     monkeypatch.setattr(knn_device, "MOVE_ROWS", 10)  # moved in several blocks
     g = np.random.default_rng(8)
     rows = g.normal(size=(100, 6)).astype(np.float32)
-    dev, ref = _both(False, 6)
+    dev, ref = DeviceExact(6, False, "cpu"), Exact(6, False, scan="float32")
     dev.add(np.arange(30), rows[:30])
     ref.add(np.arange(30), rows[:30])
     dev.remove([4])
