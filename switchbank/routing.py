@@ -383,21 +383,22 @@ class Router:
         """Distinct vectors searched exactly: the setting, or by default what the device bytes hold
         where the router has an accelerator, else EXACT_MAX where a bfloat16 scan is fast and
         EXACT_MAX_FLOAT32 where not (knn.bf16_fast)."""
-        if self._exact_max is not None:
-            return self._exact_max
-        if self.device is not None:
-            return self._device_limit()
+        known = self._known_limit()
+        if known is not None:
+            return known
         return EXACT_MAX if bf16_fast() else EXACT_MAX_FLOAT32
 
-    def _device_limit(self) -> int:
-        return self.device_bytes // (4 * self.dim)
+    def _known_limit(self) -> int | None:
+        """The exact limit where no timing enters it: the setting, or what the device bytes hold."""
+        if self._exact_max is not None:
+            return self._exact_max
+        return self.device_bytes // (4 * self.dim) if self.device is not None else None
 
     def _exact_floor(self) -> int:
         """The least the exact limit can be, known without timing anything: an index of at most
         this many vectors is exact whatever the timing says."""
-        if self._exact_max is not None:
-            return self._exact_max
-        return self._device_limit() if self.device is not None else EXACT_MAX_FLOAT32
+        known = self._known_limit()
+        return known if known is not None else EXACT_MAX_FLOAT32
 
     def _exact(self, capacity: int) -> Exact | DeviceExact:
         """An empty exact index: on the router's device where it has one and can allocate there."""
@@ -560,10 +561,8 @@ class Router:
         order = [names[i] for i in np.random.default_rng(0).permutation(len(names))]
         examples = sum(counts.values())
         floor = self._exact_floor()
-        if self._exact_max is not None:
-            cap = self._exact_max
-        else:
-            cap = self._device_limit() if self.device is not None else EXACT_MAX
+        known = self._known_limit()
+        cap = known if known is not None else EXACT_MAX
         state = (self._exact(min(examples, cap + 1)), _Examples(), {}, {})
         for task, rows, keyed in self._prepared(source(order)):
             self._insert(state, task, rows, keyed)
