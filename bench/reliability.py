@@ -231,6 +231,7 @@ def soak(seconds: float = 180, concurrency: int = 8) -> dict:
     t.join()
     sampler_stop.set()
     s.join()
+
     def of_uploaded(stats) -> int:
         return sum(stats["switches"].get(n, {}).get("cached_combinations", 0) for n in versions)
 
