@@ -47,7 +47,7 @@ def lopsided_queries(copies: int, rare: tuple[str, ...], seed: int = 0) -> dict[
 
 
 def compare(queries: dict[str, np.ndarray], emb: torch.Tensor, labels: list[str], exact_max: int) -> list[dict]:
-    from switchbank import knn
+    from switchbank import ivf
     from switchbank.routing import Router
     counts = {n: q.shape[0] for n, q in queries.items()}
     dim = next(iter(queries.values())).shape[1]
@@ -66,18 +66,18 @@ def compare(queries: dict[str, np.ndarray], emb: torch.Tensor, labels: list[str]
     exact._index.scan = "float32"
     ref = exact.counts(emb)
     del exact
-    default_far = knn.IVF.SIDE_FAR
+    default_far = ivf.IVF.SIDE_FAR
     cases = {"none held apart": float("inf"), "farthest held apart (default)": default_far}
     routers, builds = {}, {label: [] for label in cases}
     # built in the order A B B A, each build timed (the second of two builds in a process ran
     # about 10% slower here); the last of each is kept for the searches
     for label in [*cases, *reversed(cases)]:
         routers.pop(label, None)
-        knn.IVF.SIDE_FAR = cases[label]
+        ivf.IVF.SIDE_FAR = cases[label]
         try:
             routers[label], seconds = built(exact_max)
         finally:
-            knn.IVF.SIDE_FAR = default_far
+            ivf.IVF.SIDE_FAR = default_far
         builds[label].append(seconds)
     batches = [emb[i:i + 16] for i in range(0, 16 * 20, 16)]
     times: dict[str, list[float]] = {label: [] for label in cases}

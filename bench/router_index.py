@@ -24,13 +24,13 @@ import sys
 import time
 
 import numpy as np
-import torch  # before faiss, as switchbank.knn does
+import torch  # before faiss, as switchbank.ivf does
 import faiss  # noqa: I001
 from safetensors.torch import load as st_load
 
 from bench.common import ROOT, md_table, write
 from bench.scale import count_owners, query_offset
-from switchbank.knn import ivf_lists
+from switchbank.ivf import ivf_lists
 
 DEMO = ROOT / "demo" / "bank"
 CANDIDATES = 64

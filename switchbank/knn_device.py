@@ -1,7 +1,7 @@
 """An exact nearest-neighbour index scanned on the backbone's accelerator.
 
 On the CPUs measured, the router's exact scan of 1,000 distinct switches (100,000 1280-d vectors)
-takes 20-30 ms a batch of 16 and the IVF index 80-135 ms at 10,000 (knn.py): on a CPU that is a
+takes 20-30 ms a batch of 16 and the IVF index 80-135 ms at 10,000 (knn.py, ivf.py): on a CPU that is a
 fraction of the forward it routes, but on a GPU, where that forward takes milliseconds, it would
 be the larger part of a request. A GPU reads the same table in one matrix product at its memory
 speed (512 MB of float32 rows in about 0.15 ms at an H100's 3.35 TB/s: arithmetic, not a

@@ -10,14 +10,14 @@ Query embeddings come from the pretrained encoder, so switches built from the sa
 distinct vector once and keeps the list of examples (task, position) it stands for; a neighbour
 search over distinct vectors, expanded into examples, is exactly the search over all examples.
 
-The index (knn.py) is exact up to a limit of distinct vectors and an IVF index with exact
+The index is exact (knn.py) up to a limit of distinct vectors and an IVF index (ivf.py) with exact
 re-ranking above, chosen when the index is built; by default the limit follows the scan this CPU
 makes fast (EXACT_MAX with a fast bfloat16 product, EXACT_MAX_FLOAT32 without). A router given an
 accelerator (the backbone's) holds the exact index there instead (knn_device.py), up to what its
 budget of device bytes holds; past that, the IVF index on the CPU. Tasks are added
 and removed incrementally; when the index has grown or shrunk by half since it was built, crossed
-the limit, or (IVF) holds added vectors far from the ones its lists were trained on (knn.IVF.drift,
-knn.IVF.crowded), ``rebuild`` builds a new one in the background from the caller's source of
+the limit, or (IVF) holds added vectors far from the ones its lists were trained on (ivf.IVF.drift,
+ivf.IVF.crowded), ``rebuild`` builds a new one in the background from the caller's source of
 embeddings while the old one keeps answering, then replays the changes made meanwhile. A server's
 first load does not wait for an IVF index where an exact one can hold the bank: it answers exactly
 at once, and the IVF index is built in the background and swapped in (``Router.load``).
@@ -41,7 +41,8 @@ import torch
 from .allocator import release_freed_memory
 from .errors import Incompatible, InvalidInput
 from .format import all_finite
-from .knn import IVF, Exact, alone, bf16_fast, ivf_lists, ivf_nprobe, one_thread, unit_rows
+from .ivf import IVF, alone, ivf_lists, ivf_nprobe, one_thread
+from .knn import Exact, bf16_fast, unit_rows
 from .knn_device import DeviceExact
 from .priority import lower_this_thread
 
@@ -55,7 +56,7 @@ METRICS = ("l2", "cosine")
 # is not (AVX2 without AVX512-BF16), a batch of 16 over the float32 scan (knn.scores) took 9.3 ms
 # at 20,000 vectors, 16 ms at 40,000, 29 ms at 70,000 and 45 ms at 100,000, against the IVF index's
 # 21-25 ms at every one of those sizes (which it holds by scanning about 9,000 vectors a query,
-# knn.ivf_nprobe), with 99.4-99.8% of the exact weights from 40,000 on; so the limit is 60,000.
+# ivf.ivf_nprobe), with 99.4-99.8% of the exact weights from 40,000 on; so the limit is 60,000.
 EXACT_MAX = 200_000
 EXACT_MAX_FLOAT32 = 60_000
 # Device memory for the exact index's float32 rows where the router has an accelerator: 2 GiB holds
@@ -345,7 +346,7 @@ class Router:
                  nprobe: int | None = None, device: torch.device | str | None = None,
                  device_bytes: int = DEVICE_BYTES):
         """``nprobe``: lists the IVF index searches per query; by default it follows the index's size
-        (knn.ivf_nprobe). ``device``: where the exact index is held and scanned (knn_device), up to
+        (ivf.ivf_nprobe). ``device``: where the exact index is held and scanned (knn_device), up to
         ``device_bytes`` of float32 rows; None (or no bytes): on the CPU."""
         if k < 1:
             raise InvalidInput(f"K must be at least 1, got {k}")

@@ -6,7 +6,7 @@ machine, ``bash scripts/gpu-check.sh`` runs it with the GPU benchmarks."""
 import numpy as np
 import pytest
 import torch
-import faiss  # noqa: F401,E402  (after torch, as switchbank.knn imports them)
+import faiss  # noqa: F401,E402  (after torch, as switchbank.ivf imports them)
 
 from switchbank import mixed
 from switchbank.backbone import DEMO_ARCH, load_backbone

@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-import faiss  # noqa: F401,E402  (after torch, as switchbank.knn imports them)
+import faiss  # noqa: F401,E402  (after torch, as switchbank.ivf imports them)
 
 from switchbank import knn_device
 from switchbank.knn import Exact

@@ -5,7 +5,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-import faiss  # noqa: E402  (after torch, as switchbank.knn imports them)
+import faiss  # noqa: E402  (after torch, as switchbank.ivf imports them)
 
 from switchbank.errors import Incompatible, InvalidInput
 from switchbank.routing import Router, _Examples
@@ -139,7 +139,7 @@ def test_a_failed_ivf_build_raises_keeps_the_old_index_and_leaves_no_thread(fail
     router as it was."""
     import threading
 
-    from switchbank import knn
+    from switchbank import ivf
     data, _ = clusters(30, 20, 8, seed=4)
     r = Router(dim=8, k=5, exact_max=100, nprobe=4)
     r.add("before", data["t0"])
@@ -155,7 +155,7 @@ def test_a_failed_ivf_build_raises_keeps_the_old_index_and_leaves_no_thread(fail
     if fail == "index":
         def broken(self, *a, **k):
             raise MemoryError("no room")
-        monkeypatch.setattr(knn.IVF, "add", broken)
+        monkeypatch.setattr(ivf.IVF, "add", broken)
     with pytest.raises(RuntimeError if fail == "source" else MemoryError):
         r.load(source, {t: 20 for t in data})
     assert len(passes) == 2 and r.tasks == ["before"] and r.kind == "exact"
@@ -188,8 +188,8 @@ def test_tasks_of_a_domain_the_ivf_was_not_trained_on_make_it_rebuild(metric, mo
     """New tasks of the domain the IVF's lists were trained on leave it be; tasks of a new domain,
     far from every list centre, make it drift and rebuild, after which it routes them as exact
     search does."""
-    from switchbank import knn
-    monkeypatch.setattr(knn.IVF, "DRIFT_ROWS", 100)
+    from switchbank import ivf
+    monkeypatch.setattr(ivf.IVF, "DRIFT_ROWS", 100)
     g = np.random.default_rng(1)
 
     def domain(centre, n, prefix):  # tasks around a domain's centre, examples around each task's
@@ -204,12 +204,12 @@ def test_tasks_of_a_domain_the_ivf_was_not_trained_on_make_it_rebuild(metric, mo
     for t, v in domain(a, 10, "more").items():
         data[t] = v
         r.add(t, v)
-    assert 0 < r.stats()["drift"] < knn.IVF.DRIFT and not r.needs_rebuild()
+    assert 0 < r.stats()["drift"] < ivf.IVF.DRIFT and not r.needs_rebuild()
     new = domain(b, 10, "new")
     for t, v in new.items():
         data[t] = v
         r.add(t, v)
-    assert r.stats()["added_since_built"] == 1000 and r.stats()["drift"] > 5 * knn.IVF.DRIFT
+    assert r.stats()["added_since_built"] == 1000 and r.stats()["drift"] > 5 * ivf.IVF.DRIFT
     assert r.needs_rebuild() and len(r) < 2 * 2000  # not for its size
     assert r.rebuild(source_of(data), {t: 50 for t in data}, background=False)
     assert r.rebuilds == 1 and r.stats()["drift"] == 0 and not r.needs_rebuild()
@@ -470,12 +470,12 @@ def test_identical_blocks_removed_and_added_again_route_as_every_example_would()
     assert r.counts(block) == [{"again": 5}] * 5
 
 
-def test_the_knn_module_loads_torch_before_faiss():
+def test_the_ivf_module_loads_torch_before_faiss():
     """faiss loaded first made IVF builds 3x slower (two OpenMP runtimes); a fresh process that
-    imports the k-NN module first must still load torch first."""
+    imports the IVF module first must still load torch first."""
     import subprocess
     import sys
-    code = ("import sys, switchbank.knn; m = list(sys.modules); "
+    code = ("import sys, switchbank.ivf; m = list(sys.modules); "
             "print(m.index('torch') < m.index('faiss'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-500:]
@@ -599,7 +599,7 @@ def test_fast_bfloat16_is_read_from_x86_features_not_timed(monkeypatch):
 
 
 def test_the_default_nprobe_scans_about_9000_vectors_at_least_and_a_setting_overrides_it():
-    from switchbank.knn import ivf_nprobe
+    from switchbank.ivf import ivf_nprobe
     assert ivf_nprobe(256, 1_000_000) == 16
     assert ivf_nprobe(256, 100_000) == 24  # 98.5% agreement at 16 there, 99.5% at 24 (bench.router_index)
     assert ivf_nprobe(100, 500) == 100  # never more lists than there are
@@ -614,7 +614,7 @@ def test_the_default_nprobe_scans_about_9000_vectors_at_least_and_a_setting_over
 def test_an_ivf_index_is_sized_for_the_whole_bank_when_the_exact_pass_read_past_its_training_sample():
     """The first pass reads the bank into an exact index until it passes the limit; the IVF index
     built then has lists for the bank's projected distinct vectors, not for its training sample."""
-    from switchbank.knn import ivf_lists, ivf_nprobe
+    from switchbank.ivf import ivf_lists, ivf_nprobe
     x = np.random.default_rng(3).normal(size=(45_000, 4)).astype(np.float32)
     counts = {f"t{i:03d}": 100 for i in range(450)}
 
@@ -635,9 +635,9 @@ def test_a_new_domain_too_large_to_hold_apart_makes_the_ivf_rebuild_before_it_dr
     half as many again have been turned away the index asks for a rebuild, long before its drift
     (judged only after a twentieth of the index) would, and the rebuilt index routes them as exact
     search does (nearly: these lists are few and small, two of 16 probed)."""
-    from switchbank import knn
-    monkeypatch.setattr(knn.IVF, "SIDE_MAX", 100)
-    monkeypatch.setattr(knn.IVF, "DRIFT_ROWS", 10**9)  # drift alone never fires here
+    from switchbank import ivf
+    monkeypatch.setattr(ivf.IVF, "SIDE_MAX", 100)
+    monkeypatch.setattr(ivf.IVF, "DRIFT_ROWS", 10**9)  # drift alone never fires here
     g = np.random.default_rng(4)
 
     def domain(centre, n, prefix):
@@ -650,17 +650,17 @@ def test_a_new_domain_too_large_to_hold_apart_makes_the_ivf_rebuild_before_it_dr
     r.load(source_of(data), {t: 50 for t in data})
     held = r.stats()["held_apart"]
     assert r.kind == "approximate" and r.stats()["turned_away"] == 0 and not r.needs_rebuild()
-    monkeypatch.setattr(knn.IVF, "SIDE_MAX", held + 150)  # little room
+    monkeypatch.setattr(ivf.IVF, "SIDE_MAX", held + 150)  # little room
     for t, v in domain(a, 40, "more").items():  # more of the same domain: no reason to rebuild
         data[t] = v
         r.add(t, v)
     assert r.stats()["turned_away"] < 50 and not r.needs_rebuild()
     held = r.stats()["held_apart"]
-    monkeypatch.setattr(knn.IVF, "SIDE_MAX", held + 150)  # room for three new tasks' rows
+    monkeypatch.setattr(ivf.IVF, "SIDE_MAX", held + 150)  # room for three new tasks' rows
     new = domain(b, 10, "new")
     index = r._index
     for i, (t, v) in enumerate(new.items(), 1):
-        assert (index._far(r.prepare(v))[0] > knn.IVF.SIDE_FAR * index.typical()).all()  # all far
+        assert (index._far(r.prepare(v))[0] > ivf.IVF.SIDE_FAR * index.typical()).all()  # all far
         data[t] = v
         r.add(t, v)
         away = max(0, 50 * i - 150)
@@ -701,18 +701,18 @@ def test_the_first_pass_stops_at_the_training_sample_where_the_bank_will_not_fit
 
 def test_a_background_rebuild_keeps_its_indexing_to_one_thread(monkeypatch):
     """The IVF index's adds run on a thread of their own; in a background rebuild that thread,
-    like the rebuild's, leaves the work to faiss on one thread (knn.one_thread), where the first
+    like the rebuild's, leaves the work to faiss on one thread (ivf.one_thread), where the first
     build's use torch's products."""
     import threading
-    from switchbank import knn
+    from switchbank import ivf
     seen = []
-    add = knn.IVF.add
+    add = ivf.IVF.add
 
     def recording(self, *args, **kw):
-        seen.append((threading.current_thread().name, knn.alone()))
+        seen.append((threading.current_thread().name, ivf.alone()))
         return add(self, *args, **kw)
 
-    monkeypatch.setattr(knn.IVF, "add", recording)
+    monkeypatch.setattr(ivf.IVF, "add", recording)
     data, _ = clusters(30, 20, 8, seed=2)
     r = Router(dim=8, k=5, exact_max=100, nprobe=4)
     r.load(source_of(data), {t: 20 for t in data})
