@@ -19,7 +19,7 @@ from switchbank.priority import lower_this_thread
 
 def engine_thread(*modules: str) -> ThreadPoolExecutor:
     """The single thread that loads and runs the engine, with torch and ``modules`` imported on it:
-    importing torch, and switchbank.mixed_ops (whose oneDNN probes run as it loads), starts a team
+    importing torch, and switchbank.onednn (whose probes run as it loads), starts a team
     for the importing thread."""
     engine = ThreadPoolExecutor(1, thread_name_prefix="switchbank-engine")
     import_on(engine, "torch", *modules)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import interleaved, md_table, paired, summary, write
-from switchbank import mixed_ops
+from switchbank import onednn
 
 SHAPES = {  # name: (rows, in, out)
     "ViT-B-32 attention in-projection": (800, 768, 2304),
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args(argv)
-    if mixed_ops._ONEDNN_LINEAR is None:
+    if onednn.LINEAR is None:
         print("this torch build has no oneDNN matmul; nothing to compare")
         return 1
     g = torch.Generator().manual_seed(0)
@@ -57,9 +57,9 @@ def main(argv=None) -> int:
             return run
 
         addmm = lambda xs: F.linear(xs, w, b)  # noqa: E731
-        onednn = lambda xs: mixed_ops.linear(xs, w, b)  # noqa: E731
-        paths = {"addmm": lambda: addmm(x), "oneDNN": lambda: onednn(x),
-                 "addmm, 8 groups": grouped(addmm), "oneDNN, 8 groups": grouped(onednn)}
+        dnn = lambda xs: onednn.linear(xs, w, b)  # noqa: E731
+        paths = {"addmm": lambda: addmm(x), "oneDNN": lambda: dnn(x),
+                 "addmm, 8 groups": grouped(addmm), "oneDNN, 8 groups": grouped(dnn)}
         with torch.inference_mode():
             times = interleaved(paths, args.repeats, 5, warmup=2)
         med = {p: summary(t)["median"] for p, t in times.items()}

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .allocator import plain_pages
-from .mixed_ops import linear  # oneDNN's matmul where torch has it
+from .onednn import linear  # oneDNN's matmul where torch has it
 
 
 def unit_rows(x: np.ndarray | None, norms: np.ndarray | None, half: np.ndarray | None,

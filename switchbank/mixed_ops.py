@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fused
+from . import fused, onednn
+from .onednn import NO_ACT, dense, linear
 from .parts import Parts, per_piece, pieces_of, whole
 
 Names = tuple  # parameter names of one operation, None for an absent bias
@@ -180,85 +181,7 @@ def _per_group(groups: Groups, ts: list[tuple], x, fn, apart: bool = False):
     return Parts(out) if apart or split else torch.cat(out)
 
 
-def _onednn_linear():
-    """oneDNN's matrix product with the bias fused (the op torch's CPU inductor emits), where this
-    torch build has it and it answers like F.linear; else None."""
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
-        with torch.inference_mode():
-            ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
-        return op if ok and torch.backends.mkldnn.is_available() else None
-    except Exception:  # a build without oneDNN, or a torch that dropped or renamed the op
-        return None
-
-
-def _onednn_conv():
-    """oneDNN's convolution with a fused activation (also an op of torch's CPU inductor), where
-    this torch build has it and it answers like F.conv2d followed by the activation; else None."""
-    try:
-        op = torch.ops.mkldnn._convolution_pointwise
-        x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
-        w, b = torch.randn(4, 1, 3, 3), torch.randn(4)
-        with torch.inference_mode():
-            got = op(x, w, b, [1, 1], [1, 1], [1, 1], 4, "hardtanh", [0.0, 6.0], "")
-            ok = torch.allclose(got, F.conv2d(x, w, b, 1, 1, 1, 4).clamp(0, 6), atol=1e-5)
-        return op if ok and torch.backends.mkldnn.is_available() else None
-    except Exception:
-        return None
-
-
-def _packers():
-    """oneDNN's weight reorders (its own blocked layout, as torch's CPU inductor prepacks them),
-    where this build has them and the reordered weights give the plain weights' outputs; else
-    (None, None). Given a plain weight, the oneDNN ops reorder it on every call: about 20-40 us a
-    call at the demo tower's shapes, and a mixed batch makes a call per group."""
-    try:
-        conv_op, linear_op = torch.ops.mkldnn._reorder_convolution_weight, torch.ops.mkldnn._reorder_linear_weight
-        x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
-        w, b = torch.randn(4, 1, 3, 3), torch.randn(4)
-        x2, w2, b2 = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
-        with torch.inference_mode():
-            wp = conv_op(w, [1, 1], [1, 1], [1, 1], 4, list(x.shape))
-            ok = torch.equal(_ONEDNN_CONV(x, wp, b, [1, 1], [1, 1], [1, 1], 4, "relu", [], ""),
-                             _ONEDNN_CONV(x, w, b, [1, 1], [1, 1], [1, 1], 4, "relu", [], ""))
-            ok = ok and torch.equal(_ONEDNN_LINEAR(x2, linear_op(w2, 3), b2, "none", [], ""),
-                                    _ONEDNN_LINEAR(x2, w2, b2, "none", [], ""))
-        return (conv_op, linear_op) if ok else (None, None)
-    except Exception:
-        return None, None
-
-
-# On CPU, fp32, oneDNN's matmul runs the towers' linear shapes about twice as fast as torch.addmm
-# (MKL's sgemm, then a separate pass for the bias) on the AMD machine measured (bench/linear.py).
-_ONEDNN_LINEAR = _onednn_linear()
-_ONEDNN_CONV = _onednn_conv()
-_PACK_CONV, _PACK_LINEAR = _packers() if _ONEDNN_LINEAR is not None and _ONEDNN_CONV is not None else (None, None)
-NO_ACT = ("none", [])  # a oneDNN post-op: (name, scalars)
 UNFOLD = 2  # a cold group runs its norm on the output where UNFOLD * output < weight (MixedBatchNorm.fold)
-
-
-def dense(w: torch.Tensor, shape) -> torch.Tensor:
-    """A weight in torch's own layout and ``shape``: a view of ``w`` (a pointwise convolution's
-    [out, in, 1, 1] weight as the [out, in] of a matrix product), or a reordered oneDNN weight
-    turned back."""
-    return w.to_dense().reshape(shape) if w.is_mkldnn else w.reshape(shape)
-
-
-def onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether the oneDNN ops can take these tensors (fp32 on the CPU)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
-
-
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, act: tuple = NO_ACT) -> torch.Tensor:
-    """F.linear over the last dimension of ``x``, on oneDNN for fp32 CPU tensors where available.
-    ``act`` (a oneDNN post-op, see MixedConv.fused_act) is only passed where oneDNN runs it."""
-    if _ONEDNN_LINEAR is not None and onednn(x, w):
-        x2 = x.reshape(-1, x.shape[-1])
-        out = _ONEDNN_LINEAR(x2, w if w.is_mkldnn else w.reshape(w.shape[0], -1), bias, act[0], act[1], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
-    assert act is NO_ACT, "an activation can only be fused into oneDNN's matmul"
-    return F.linear(x, dense(w, (w.shape[0], -1)), bias)
 
 
 def _linear_rows(groups: Groups, ts: list[tuple], x: torch.Tensor, act: tuple = NO_ACT, finish=None) -> torch.Tensor:
@@ -369,11 +292,11 @@ class MixedConv(_Op):
         otherwise redo on every call, in every batch; :func:`dense` turns it back for other paths.
         A batch's own folds (weights merged just in time) are used once and stay as they are:
         reordering them ahead costs more than the kernel's own reorder (measured)."""
-        if _PACK_CONV is None or self.in_shape is None or w.device.type != "cpu" or w.dtype != torch.float32:
+        if onednn.PACK_CONV is None or self.in_shape is None or w.device.type != "cpu" or w.dtype != torch.float32:
             return w, b
         if self.pointwise:
             n, _, h, wd = self.in_shape
-            return _PACK_LINEAR(w.reshape(w.shape[0], -1), n * h * wd), b
+            return onednn.PACK_LINEAR(w.reshape(w.shape[0], -1), n * h * wd), b
         if self.act is None:  # runs on F.conv2d, which takes torch's layout only
             return w, b
         padding = list(self.padding)
@@ -382,7 +305,7 @@ class MixedConv(_Op):
             padding = [0, 0] if plan is None else list(plan[0])
             if plan is not None:
                 w = self.kernel_for(w, plan[1], False)
-        return _PACK_CONV(w, padding, list(self.stride), list(self.dilation), self.groups, self.in_shape), b
+        return onednn.PACK_CONV(w, padding, list(self.stride), list(self.dilation), self.groups, self.in_shape), b
 
     def out_numel(self, size) -> int:
         """Elements of one row's output for an input of spatial ``size``."""
@@ -412,10 +335,10 @@ class MixedConv(_Op):
             g, ts = self.tensors()
         apart = split or (self.active.parts and len(ts) > 1)
         channels_last = first.is_contiguous(memory_format=torch.channels_last)
-        act = self.act if self.act is not None and onednn(first, ts[0][0]) else None
+        act = self.act if self.act is not None and onednn.takes(first, ts[0][0]) else None
         pointwise = self.pointwise and all(p.is_contiguous(memory_format=torch.channels_last)
                                            for p in (x.pieces if split else (x,)))
-        if act is not None and (pointwise and _ONEDNN_LINEAR is not None or not pointwise and _ONEDNN_CONV is not None):
+        if act is not None and (pointwise and onednn.LINEAR is not None or not pointwise and onednn.CONV is not None):
             self.bn.act_done = True
         else:
             act = None
@@ -451,9 +374,9 @@ class MixedConv(_Op):
 
             def conv(xs, w, b, *post):
                 if post:
-                    return self.finish(_ONEDNN_CONV(xs, w, b, list(padding), stride, dilation, self.groups, "none", [], ""),
+                    return self.finish(onednn.CONV(xs, w, b, list(padding), stride, dilation, self.groups, "none", [], ""),
                                        post[0], act)
-                return _ONEDNN_CONV(xs, w, b, list(padding), stride, dilation, self.groups, act[0], act[1], "")
+                return onednn.CONV(xs, w, b, list(padding), stride, dilation, self.groups, act[0], act[1], "")
         else:
             def conv(xs, w, b, *post):
                 out = F.conv2d(xs, w, b, self.stride, padding, self.dilation, self.groups)

@@ -396,34 +396,34 @@ def test_unsupported_tower_falls_back_to_one_forward_per_group(backbone, tiny_sw
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(7, 12), (3, 5, 12), (2, 4, 4, 12)])
 def test_linear_answers_as_f_linear_with_or_without_onednn(monkeypatch, shape, bias):
-    from switchbank import mixed_ops
+    from switchbank import onednn
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(*shape, generator=g), torch.randn(9, 12, generator=g)
     b = torch.randn(9, generator=g) if bias else None
     want = torch.nn.functional.linear(x, w, b)
-    got = mixed_ops.linear(x, w, b)
+    got = onednn.linear(x, w, b)
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
-    assert torch.equal(mixed_ops.linear(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16()),
+    assert torch.equal(onednn.linear(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16()),
                        torch.nn.functional.linear(x.bfloat16(), w.bfloat16(), None if b is None else b.bfloat16()))
-    monkeypatch.setattr(mixed_ops, "_ONEDNN_LINEAR", None)
-    assert torch.equal(mixed_ops.linear(x, w, b), want)
+    monkeypatch.setattr(onednn, "LINEAR", None)
+    assert torch.equal(onednn.linear(x, w, b), want)
 
 
 def test_onednn_linear_is_found_on_builds_with_onednn():
-    from switchbank import mixed_ops
+    from switchbank import onednn
     if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        assert mixed_ops._ONEDNN_LINEAR is not None
+        assert onednn.LINEAR is not None
 
 
 def test_demo_tower_runs_its_activations_inside_the_convolutions():
     """Where oneDNN is there, ReLU6 after a folded BatchNorm runs as the convolution's post-op; the
     answers stay those of each group alone, and those of the tower with the activation apart."""
-    from switchbank import mixed_ops
+    from switchbank import onednn
     b = load_backbone(DEMO_ARCH, device="cpu")
     tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
     assert tower is not None, why
     fused = [c for c, _ in tower.pairs if c.act is not None]
-    if mixed_ops._ONEDNN_CONV is None or mixed_ops._ONEDNN_LINEAR is None:
+    if onednn.CONV is None or onednn.LINEAR is None:
         pytest.skip("this torch build has no oneDNN convolution with post-ops")
     assert fused and all(c.act == ("hardtanh", [0.0, 6.0]) for c in fused)
     assert any(c.pointwise for c in fused) and any(not c.pointwise for c in fused)
@@ -446,11 +446,11 @@ def test_cached_weights_are_reordered_for_onednn_and_answer_alike_on_every_path(
     """A cached tower's folded convolutions are kept in oneDNN's layout where oneDNN runs them;
     the answers equal those of torch-layout weights, also where a batch takes another path (an
     input that is not channels_last) and the reordered weights are turned back."""
-    from switchbank import mixed_ops
+    from switchbank import onednn
     b = load_backbone(DEMO_ARCH, device="cpu")
     tower, why = mixed.build(b.model, b.params, b.buffers, b.probe())
     assert tower is not None, why
-    if mixed_ops._PACK_CONV is None:
+    if onednn.PACK_CONV is None:
         pytest.skip("this torch build has no oneDNN weight reorders")
     variants = [perturbed(b.params, s) for s in range(2)]
     memos = [tower.derived(v)[0] for v in variants]
