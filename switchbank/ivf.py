@@ -206,7 +206,7 @@ class IVF:
         x came from them (x = half / norm); then they are kept as they are, in one copy: at a
         million rows this call spent 1.6-2.1 s besides faiss's add, against 3.0-3.3 s scaling
         and rounding them a block at a time. ``x`` may be left out where ``half`` is given (it is then
-        made here, on the indexing thread, see routing.Rows)."""
+        made here, on the indexing thread, see examples.Rows)."""
         if not ids.size:
             return
         x, norms = unit_rows(x, norms, half)

@@ -24,7 +24,7 @@ from .onednn import linear  # oneDNN's matmul where torch has it
 
 def unit_rows(x: np.ndarray | None, norms: np.ndarray | None, half: np.ndarray | None,
               out: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(x, norms) as an index takes them: as given, or where a caller left both out (routing.Rows:
+    """(x, norms) as an index takes them: as given, or where a caller left both out (examples.Rows:
     float16 rows for the cosine metric; no caller gives norms without x), the float16 rows' norms
     and the unit rows x = half / norms, as the router would have made them, into the first rows of
     ``out`` (float32) where given. The norms are float32 sums of the float16 values, row by row: the

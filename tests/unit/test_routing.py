@@ -8,7 +8,8 @@ import torch
 import faiss  # noqa: E402  (after torch, as switchbank.ivf imports them)
 
 from switchbank.errors import Incompatible, InvalidInput
-from switchbank.routing import Router, _Examples
+from switchbank.examples import Examples
+from switchbank.routing import Router
 
 
 def test_weights_are_neighbour_counts_over_k():
@@ -29,12 +30,12 @@ def test_row_keys_are_equal_for_equal_rows_and_differ_for_a_bit(dtype, dim):
     away has its own (rows whose bytes are not whole 8-byte words too)."""
     x = np.random.default_rng(0).normal(size=(6, dim)).astype(dtype)
     x[4] = x[1]
-    keys = _Examples.row_keys(x)
+    keys = Examples.row_keys(x)
     assert keys[4] == keys[1] and len(set(keys)) == 5
     y = x.copy()
     y.view(np.uint8)[0, -1] ^= 1  # the last byte's lowest bit
-    assert _Examples.row_keys(y)[0] != keys[0] and _Examples.row_keys(y)[1:] == keys[1:]
-    assert _Examples.row_keys(np.zeros((0, dim), dtype)) == []
+    assert Examples.row_keys(y)[0] != keys[0] and Examples.row_keys(y)[1:] == keys[1:]
+    assert Examples.row_keys(np.zeros((0, dim), dtype)) == []
 
 
 def test_ties_are_deterministic():
@@ -771,7 +772,7 @@ def test_the_router_holds_rows_of_every_form_and_leaves_the_callers_alone(metric
 @pytest.mark.parametrize("exact_max", [10_000, 30])
 def test_float16_rows_left_for_the_index_to_scale_route_as_rows_scaled_at_once(exact_max, monkeypatch):
     """For the cosine metric, float16 rows (a file's) reach the index unscaled and are made unit
-    rows there (routing.Rows), alone or in one IVF batch with rows that came as float32: the routes
+    rows there (examples.Rows), alone or in one IVF batch with rows that came as float32: the routes
     are those of the same rows scaled as they were read, and for exact search those of the same
     values given as float32."""
     g = np.random.default_rng(13)
@@ -811,7 +812,7 @@ def test_float16_rows_left_for_the_index_to_scale_route_as_rows_scaled_at_once(e
 
 def test_the_indexing_thread_makes_rows_in_one_buffer_with_the_norms_of_each_task_alone():
     """Float16 rows for the cosine metric reach the IVF index's thread with neither unit rows nor
-    norms (routing.Rows); it makes both a batch at a time, in one buffer that every batch reuses,
+    norms (examples.Rows); it makes both a batch at a time, in one buffer that every batch reuses,
     and they equal what each task's rows give alone, to the bit."""
     from switchbank.knn import unit_rows
     from switchbank.routing import _Batched
