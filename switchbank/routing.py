@@ -7,8 +7,9 @@ Ties in distance go to the earlier-added example, so routing is deterministic.
 
 Query embeddings come from the pretrained encoder, so switches built from the same example images
 (per-customer fine-tunes of one task, say) share identical query vectors. The index holds each
-distinct vector once and keeps the list of examples (task, position) it stands for (examples.py); a neighbour
-search over distinct vectors, expanded into examples, is exactly the search over all examples.
+distinct vector once and keeps the list of examples (task, position) it stands for (examples.py); a
+neighbour search over distinct vectors, expanded into examples, is exactly the search over all
+examples.
 
 The index is exact (knn.py) up to a limit of distinct vectors and an IVF index (ivf.py) with exact
 re-ranking above, chosen when the index is built; by default the limit follows the scan this CPU
