@@ -18,11 +18,11 @@ Then mixed traffic, in batches of 16, as users send it (bench/traffic.py): for B
 image of the six demo tasks, shuffled, with no task named (Auto-Switch); for A, explicit weights
 following the mixes the demo router gives those images. Every engine configuration (MIX_CASES)
 serves the same stream, continued from round to round (a warm-up first; every other round runs the
-cases in reverse order), next to the plain forward
-and the pretrained weights on the engine's kernels on the same batches; the table reports groups per batch, the share of groups served on cached
-weights, the cache hit rate and what the cache holds at the end. The default 2 GiB cache is used.
-For B, whose every mix fits in it, one more engine has served the whole stream once before the
-measurement (PREWARMED): no mix is new to it, the best case, shown beside the others.
+cases in reverse order), next to the plain forward and the pretrained weights on the engine's
+kernels on the same batches; the table reports groups per batch, the share of groups served on
+cached weights, the cache hit rate and what the cache holds at the end. The default 2 GiB cache is
+used. For B, whose every mix fits in it, one more engine has served the whole stream once before
+the measurement (PREWARMED): no mix is new to it, the best case, shown beside the others.
 """
 
 from __future__ import annotations

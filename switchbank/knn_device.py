@@ -1,10 +1,10 @@
 """An exact nearest-neighbour index scanned on the backbone's accelerator.
 
 On the CPUs measured, the router's exact scan of 1,000 distinct switches (100,000 1280-d vectors)
-takes 20-30 ms a batch of 16 and the IVF index 80-135 ms at 10,000 (knn.py, ivf.py): on a CPU that is a
-fraction of the forward it routes, but on a GPU, where that forward takes milliseconds, it would
-be the larger part of a request. A GPU reads the same table in one matrix product at its memory
-speed (512 MB of float32 rows in about 0.15 ms at an H100's 3.35 TB/s: arithmetic, not a
+takes 20-30 ms a batch of 16 and the IVF index 80-135 ms at 10,000 (knn.py, ivf.py): on a CPU that
+is a fraction of the forward it routes, but on a GPU, where that forward takes milliseconds, it
+would be the larger part of a request. A GPU reads the same table in one matrix product at its
+memory speed (512 MB of float32 rows in about 0.15 ms at an H100's 3.35 TB/s: arithmetic, not a
 measurement), and gives the exact answer. So where the backbone runs on an accelerator, the router
 keeps its distinct vectors there, up to a budget of bytes (routing.Router's ``device_bytes``), in
 this index; past the budget it uses the CPU's indexes as before. Should the device run out of
